@@ -1,0 +1,78 @@
+"""The per-process token cache.
+
+Positive entries are fresh for `ttl` seconds and may be served stale for `stale_window`
+more, only while Redis is unreachable. Unknown hashes are remembered for `negative_ttl`
+so a flood of the same bad token stays off Redis. Invalidation drops one hash (or all).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from .model import Entry
+
+Freshness = Literal["fresh", "stale", "negative", "miss"]
+
+
+class TokenCache:
+    def __init__(
+        self, *, ttl: float, stale_window: float, negative_ttl: float, size: int, negative_size: int
+    ) -> None:
+        self.ttl = ttl
+        self.stale_window = stale_window
+        self.negative_ttl = negative_ttl
+        self.size = size
+        self.negative_size = negative_size
+        self._entries: dict[str, tuple[Entry, float]] = {}
+        self._negative: dict[str, float] = {}
+        self.generation = 0  # bumped on every invalidation; guards in-flight loads
+
+    def get(self, digest: str, now: float) -> tuple[Freshness, Entry | None]:
+        hit = self._entries.get(digest)
+        if hit is not None:
+            entry, loaded = hit
+            if now - loaded < self.ttl:
+                return "fresh", entry
+            if now - loaded < self.ttl + self.stale_window:
+                return "stale", entry
+            del self._entries[digest]
+            return "miss", None
+        until = self._negative.get(digest)
+        if until is not None:
+            if now < until:
+                return "negative", None
+            del self._negative[digest]
+        return "miss", None
+
+    def put(self, digest: str, entry: Entry, now: float, generation: int) -> None:
+        if generation != self.generation:
+            return  # invalidated while Redis was being asked: the answer may be stale
+        if len(self._entries) >= self.size and digest not in self._entries:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[digest] = (entry, now)
+        self._negative.pop(digest, None)
+
+    def put_negative(self, digest: str, now: float, generation: int) -> None:
+        if generation != self.generation:
+            return
+        if len(self._negative) >= self.negative_size and digest not in self._negative:
+            self._negative.pop(next(iter(self._negative)))
+        self._negative[digest] = now + self.negative_ttl
+
+    def invalidate(self, digest: str) -> None:
+        self.generation += 1
+        self._entries.pop(digest, None)
+        self._negative.pop(digest, None)
+
+    def flush(self) -> None:
+        self.generation += 1
+        self._entries.clear()
+        self._negative.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def monotonic() -> float:
+    return time.monotonic()

@@ -1,0 +1,390 @@
+"""The `authgate` command. Only this module exits; everything below it raises."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import ipaddress
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, NoReturn
+
+import orjson
+
+from . import __version__
+from .durations import parse_duration
+from .errors import BackendUnavailable, ConfigError, InvalidInput, NotFound
+
+# Options whose values may start with '-' (key types are written `-w-`, `--d`).
+_DASH_VALUES = ("--key-type",)
+
+
+def _fix_dash_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _DASH_VALUES and i + 1 < len(argv):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="authgate",
+        description="API-token authorization sidecar for nginx auth_request.",
+    )
+    p.add_argument("--version", action="version", version=f"authgate {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the data plane (and the management API if enabled)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (default: AUTHGATE_WORKERS or 1)",
+    )
+
+    t = sub.add_parser("token", help="create, list, show, revoke, rotate or delete tokens")
+    tsub = t.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = tsub.add_parser("create", help="create a token and print it once")
+    c.add_argument("--name", required=True)
+    c.add_argument("--description", default="")
+    c.add_argument("--org", required=True)
+    c.add_argument("--project", required=True)
+    c.add_argument(
+        "--key-type", required=True, metavar="KEY_TYPE", help="r--, -w-, --d, rw-, r-d, -wd or rwd"
+    )
+    c.add_argument(
+        "--roles",
+        action="append",
+        default=[],
+        help="comma list; admin opens System APIs (repeatable)",
+    )
+    c.add_argument("--space", default="")
+    c.add_argument("--feature", default="")
+    c.add_argument("--user-id", default="")
+    c.add_argument(
+        "--permissions",
+        action="append",
+        default=[],
+        help="scopes such as read:assets (comma list, repeatable)",
+    )
+    c.add_argument(
+        "--ip", action="append", default=[], help="allowed address or CIDR (comma list, repeatable)"
+    )
+    c.add_argument("--app-id", action="append", default=[], help="bind to shared app ids")
+    c.add_argument("--expires-in", type=_duration, default=None, help="e.g. 30d, 12h")
+    c.add_argument("--kind", choices=("query", "management"), default="query")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+
+    ls = tsub.add_parser("list", help="list tokens (never shows secrets)")
+    ls.add_argument("--org")
+    ls.add_argument("--project")
+    ls.add_argument("--status", choices=("active", "revoked", "expired"))
+    ls.add_argument("--json", action="store_true")
+    for name, helptext in (
+        ("show", "show one token"),
+        ("revoke", "revoke now"),
+        ("delete", "delete for good"),
+    ):
+        x = tsub.add_parser(name, help=helptext)
+        x.add_argument("id")
+        x.add_argument("--json", action="store_true")
+    r = tsub.add_parser("rotate", help="issue a new token; the old one works for --grace")
+    r.add_argument("id")
+    r.add_argument("--grace", type=_duration, default=0.0, help="e.g. 24h (default 0)")
+    r.add_argument("--json", action="store_true")
+
+    a = sub.add_parser("audit", help="read the audit stream, newest first")
+    a.add_argument("--count", type=int, default=50)
+    a.add_argument("--json", action="store_true")
+
+    e = sub.add_parser("explain", help="why a token is allowed or denied on METHOD URI")
+    e.add_argument("--method", default="GET")
+    e.add_argument("--uri", required=True, help="the original URI, e.g. /minimal/api/...")
+    who = e.add_mutually_exclusive_group(required=True)
+    who.add_argument("--token", help="the token value ('-' reads it from standard input)")
+    who.add_argument("--id", help="a token id (skips the checks on the value itself)")
+    e.add_argument("--ip", default=None, help="client address to check allowlists against")
+    e.add_argument("--json", action="store_true")
+
+    cfg = sub.add_parser("config", help="configuration tools")
+    csub = cfg.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ck = csub.add_parser("check", help="validate configuration and reach Redis")
+    ck.add_argument("--offline", action="store_true", help="do not contact Redis")
+    return p
+
+
+def _flat(values: list[str]) -> list[str]:
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def _actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"cli:{user}@{socket.gethostname()}"
+
+
+def _print(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _human_token(view: dict[str, Any]) -> None:
+    keys = (
+        "id",
+        "display_prefix",
+        "name",
+        "status",
+        "kind",
+        "key_type",
+        "roles",
+        "org",
+        "project",
+        "space",
+        "feature",
+        "user_id",
+        "permissions",
+        "ip_allowlist",
+        "app_ids",
+        "environment",
+        "created_at",
+        "created_by",
+        "expires_at",
+        "revoked_at",
+        "last_used_at",
+        "request_count",
+        "rotated_from",
+        "rotated_to",
+    )
+    for key in keys:
+        value = view.get(key)
+        if value in (None, "", []):
+            continue
+        if isinstance(value, list):
+            value = ", ".join(value)
+        print(f"{key + ':':16} {value}")
+
+
+async def _with_store(fn: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
+    from .backend import connect
+    from .config import load_settings
+    from .store import TokenStore
+
+    settings = load_settings()
+    redis = connect(settings.redis_url, max(settings.redis_timeout, 2.0))
+    try:
+        return await fn(TokenStore(redis, settings))
+    finally:
+        await redis.aclose()
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    action = args.action
+    if action == "create":
+        spec = {
+            "name": args.name,
+            "description": args.description,
+            "kind": args.kind,
+            "key_type": args.key_type,
+            "roles": _flat(args.roles),
+            "org": args.org,
+            "project": args.project,
+            "space": args.space,
+            "feature": args.feature,
+            "user_id": args.user_id,
+            "permissions": _flat(args.permissions),
+            "ip_allowlist": _flat(args.ip),
+            "app_ids": _flat(args.app_id),
+            "expires_in": args.expires_in,
+        }
+        token, view = asyncio.run(_with_store(lambda s: s.create(spec, _actor())))
+        if args.json:
+            _print({"token": token, **view})
+        else:
+            print(f"token:           {token}")
+            print("                 (shown once: store it now, it cannot be retrieved later)")
+            _human_token(view)
+        return 0
+    if action == "list":
+        rows = asyncio.run(
+            _with_store(
+                lambda s: s.list_tokens(org=args.org, project=args.project, status=args.status)
+            )
+        )
+        if args.json:
+            _print(rows)
+        else:
+            print(f"{'ID':30}  {'PREFIX':14} {'STATUS':8} {'TYPE':4} {'ORG/PROJECT':24} NAME")
+            for v in rows:
+                scope = f"{v['org']}/{v['project']}"
+                print(
+                    f"{v['id']:30}  {v['display_prefix']:14} {v['status']:8} "
+                    f"{v['key_type']:4} {scope:24} {v['name']}"
+                )
+        return 0
+    if action == "rotate":
+        token, view = asyncio.run(_with_store(lambda s: s.rotate(args.id, args.grace, _actor())))
+        if args.json:
+            _print({"token": token, **view})
+        else:
+            print(f"token:           {token}")
+            print("                 (shown once: store it now, it cannot be retrieved later)")
+            print(f"{args.id} keeps working for {args.grace:g}s, then expires.")
+            _human_token(view)
+        return 0
+    op = {
+        "show": lambda s: s.show(args.id),
+        "revoke": lambda s: s.revoke(args.id, _actor()),
+        "delete": lambda s: s.delete(args.id, _actor()),
+    }[action]
+    view = asyncio.run(_with_store(op))
+    if args.json:
+        _print(view)
+    else:
+        if action != "show":
+            print(f"{action}d {view['id']} ({view['display_prefix']})")
+        _human_token(view)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    events = asyncio.run(_with_store(lambda s: s.audit_events(max(1, min(args.count, 10000)))))
+    if args.json:
+        _print(events)
+    else:
+        for ev in events:
+            detail = orjson.dumps(ev["detail"]).decode() if ev["detail"] else ""
+            print(
+                f"{ev['time']}  {ev['action']:8} {ev['token_id'] or '-':30} "
+                f"{ev['display_prefix'] or '':12} {ev['actor']} {detail}"
+            )
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain
+
+    token = args.token
+    if token == "-":
+        token = sys.stdin.readline().strip()
+    if args.ip is not None:
+        try:
+            ipaddress.ip_address(args.ip)
+        except ValueError:
+            raise InvalidInput("--ip", f"{args.ip!r} is not an IP address") from None
+    result = asyncio.run(
+        _with_store(
+            lambda s: explain(
+                s, method=args.method, uri=args.uri, token=token, token_id=args.id, ip=args.ip
+            )
+        )
+    )
+    if args.json:
+        _print(result)
+    else:
+        verdict = "ALLOW" if result["status"] == 200 else "DENY"
+        print(f"{verdict} {result['status']} {result['code']}")
+        print(f"  decided by: {result['reason']}")
+        for key in ("token_id", "route", "path", "client_ip"):
+            if result.get(key):
+                print(f"  {key}: {result[key]}")
+        if result.get("details"):
+            print(f"  details: {orjson.dumps(result['details']).decode()}")
+    return 0 if result["status"] == 200 else 3
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import load_settings
+
+    settings = load_settings()
+    print(f"token prefix:    {settings.token_prefix} (environment {settings.environment})")
+    print(
+        f"token sources:   {', '.join(s.label for s in settings.token_sources)} "
+        f"(mode {settings.token_mode})"
+    )
+    print(f"listen:          {settings.listen[0]}:{settings.listen[1]}")
+    print(f"metrics:         {settings.metrics_listen[0]}:{settings.metrics_listen[1]}")
+    admin = settings.admin_listen
+    print(f"admin API:       {f'{admin[0]}:{admin[1]}' if admin else 'off'}")
+    print("routes:")
+    for route in settings.routes:
+        perms = f" permissions={','.join(sorted(route.permissions))}" if route.permissions else ""
+        print(f"  {route.cls:8} {route.prefix}{perms}")
+    from .backend import parse_redis_url
+
+    target = parse_redis_url(settings.redis_url)
+    print(f"redis:           {target.safe_url} ({target.kind})")
+    if not args.offline:
+
+        async def ping(store: Any) -> None:
+            from .backend import mapped_errors
+
+            async with mapped_errors():
+                await store.redis.ping()
+
+        asyncio.run(_with_store(ping))
+        print("redis reachable: yes")
+    print("configuration OK")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .config import load_settings
+    from .server import serve
+
+    settings = load_settings()
+    workers = args.workers if args.workers is not None else settings.workers
+    if workers < 1:
+        raise ConfigError("--workers: must be at least 1")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    serve(settings, workers)
+    return 0
+
+
+def fail(message: str, code: int) -> NoReturn:
+    sys.stderr.write(f"authgate: {message}\n")
+    raise SystemExit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = _fix_dash_values(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(args_list)
+    handlers = {
+        "serve": cmd_serve,
+        "token": cmd_token,
+        "audit": cmd_audit,
+        "explain": cmd_explain,
+        "config": cmd_config,
+    }
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}", 2)
+    except InvalidInput as exc:
+        fail(f"invalid input: {exc}", 2)
+    except NotFound as exc:
+        fail(f"no token with id {exc}", 1)
+    except BackendUnavailable as exc:
+        fail(f"Redis is unavailable ({exc}); the command did not complete", 1)
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,28 @@
+"""The error tree. Foreign errors (redis, OS) are mapped to these at the boundary."""
+
+from __future__ import annotations
+
+
+class AuthgateError(Exception):
+    """Base class for every error authgate raises on purpose."""
+
+
+class ConfigError(AuthgateError):
+    """Configuration is invalid; the message names the setting."""
+
+
+class InvalidInput(AuthgateError):
+    """A caller passed a value authgate refuses; nothing was changed."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class NotFound(AuthgateError):
+    """No token with that id."""
+
+
+class BackendUnavailable(AuthgateError):
+    """Redis could not be reached or did not answer in time."""

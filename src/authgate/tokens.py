@@ -1,0 +1,73 @@
+"""Token values: `<prefix><32 base62 random><6 base62 CRC32 checksum>`, and their ids.
+
+Only `hash_token` output is ever stored; the value itself is shown once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+import zlib
+
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_BASE62_SET = frozenset(BASE62)
+RANDOM_LEN = 32  # 32 * log2(62) = 190.5 bits
+CHECKSUM_LEN = 6  # 62**6 > 2**32
+DISPLAY_RANDOM = 4
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def _b62(number: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        number, rem = divmod(number, 62)
+        out.append(BASE62[rem])
+    return "".join(reversed(out))
+
+
+def checksum(body: str) -> str:
+    """Fixed-width base62 CRC32 of prefix+random."""
+    return _b62(zlib.crc32(body.encode()), CHECKSUM_LEN)
+
+
+def generate(prefix: str) -> str:
+    random_part = "".join(secrets.choice(BASE62) for _ in range(RANDOM_LEN))
+    body = prefix + random_part
+    return body + checksum(body)
+
+
+def is_well_formed(token: str, prefix: str) -> bool:
+    """Prefix, length, charset and checksum: everything that can be checked without Redis."""
+    if len(token) != len(prefix) + RANDOM_LEN + CHECKSUM_LEN or not token.startswith(prefix):
+        return False
+    rest = token[len(prefix) :]
+    if not _BASE62_SET.issuperset(rest):
+        return False
+    return hmac.compare_digest(checksum(token[:-CHECKSUM_LEN]), token[-CHECKSUM_LEN:])
+
+
+def display_prefix(token: str, prefix: str) -> str:
+    """The prefix plus the first four random characters, e.g. `min_qqMU`."""
+    return token[: len(prefix) + DISPLAY_RANDOM]
+
+
+def hash_token(pepper: bytes, token: str) -> str:
+    """HMAC-SHA256 of the token under the server-side pepper, hex."""
+    return hmac.new(pepper, token.encode(), hashlib.sha256).hexdigest()
+
+
+def new_id(now: float | None = None) -> str:
+    """`tok_` + a ULID: 48-bit millisecond time, 80 random bits, Crockford base32, sortable."""
+    ms = int((time.time() if now is None else now) * 1000)
+    value = (ms << 80) | secrets.randbits(80)
+    chars = []
+    for _ in range(26):
+        value, rem = divmod(value, 32)
+        chars.append(_CROCKFORD[rem])
+    return "tok_" + "".join(reversed(chars))
+
+
+def looks_like_id(text: str) -> bool:
+    return len(text) == 30 and text.startswith("tok_") and all(c in _CROCKFORD for c in text[4:])
