@@ -29,7 +29,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_http(url: str, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_http(
+    url: str, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Poll `url` until it answers 200; fail early if `proc` exits."""
     deadline = time.monotonic() + timeout
     last: object = None
@@ -85,10 +87,20 @@ class Valkey:
         """(Re)start the server on the same port."""
         self.proc = subprocess.Popen(
             [
-                valkey_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+                valkey_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
             ],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_for_port(self.port)
 
@@ -135,11 +147,16 @@ def base_env(redis_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(env: Mapping[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    env: Mapping[str, str], *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     """Run `authgate ARGS` as a user would, in a subprocess."""
     proc = subprocess.run(
         [sys.executable, "-m", "authgate", *args],
-        env=dict(env), capture_output=True, text=True, timeout=60,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"authgate {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
@@ -185,7 +202,11 @@ class AuthgateProcess:
 
 
 def start_authgate(
-    env: Mapping[str, str], *, workers: int = 1, admin: bool = False, port: int | None = None,
+    env: Mapping[str, str],
+    *,
+    workers: int = 1,
+    admin: bool = False,
+    port: int | None = None,
     wait_ready: bool = True,
 ) -> AuthgateProcess:
     port = port or free_port()
@@ -200,7 +221,9 @@ def start_authgate(
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "authgate", "serve", "--workers", str(workers)],
-            env=full, stdout=log, stderr=subprocess.STDOUT,
+            env=full,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     ag = AuthgateProcess(full, port, metrics_port, admin_port, proc, log_path)
     try:
