@@ -1,5 +1,6 @@
 """The SPEC §2 decision table, row by row, in every dialect: nginx (X-Original-URI),
-ingress-nginx (X-Original-URL), Traefik (X-Forwarded-Uri) and Envoy (/ext-authz/<path>)."""
+ingress-nginx (X-Original-URL), Traefik (X-Forwarded-Uri), Envoy (/ext-authz/<path>) and
+NGINX Gateway Fabric (exactly /ext-authz with `Path` and `Method` headers)."""
 
 from __future__ import annotations
 
@@ -119,8 +120,8 @@ ROWS = [
     ),
 ]
 
-DIALECTS = ["nginx", "ingress-nginx", "traefik", "envoy"]
-FOLDING = {"nginx", "ingress-nginx"}
+DIALECTS = ["nginx", "ingress-nginx", "traefik", "envoy", "gateway-fabric"]
+FOLDING = {"nginx", "ingress-nginx", "gateway-fabric"}
 
 
 def route_config() -> str:
@@ -215,6 +216,9 @@ def build(dialect: str, row: Row, token: str | None) -> tuple[str, str, dict[str
             }
         )
         return "GET", "/auth", headers
+    if dialect == "gateway-fabric":
+        headers.update({"Path": uri, "Method": row.method, "X-Real-IP": CLIENT_IP})
+        return "GET", "/ext-authz", headers
     headers.update({"X-Forwarded-For": CLIENT_IP, "X-Envoy-Expected-Rq-Timeout-Ms": "200"})
     return row.method, "/ext-authz" + uri, headers
 
@@ -494,3 +498,54 @@ async def test_unknown_paths_are_json_404(redis_url: str) -> None:
 def test_httpx_is_real() -> None:
     """Sanity: the in-process transport really is httpx's ASGI transport."""
     assert httpx.ASGITransport.__module__.startswith("httpx")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param(
+            {"X-Original-URL": "https://h.example" + SYSTEM, "X-Original-URI": SCOPED},
+            id="ingress-nginx-passes-client-x-original-uri",
+        ),
+        pytest.param(
+            {"X-Forwarded-Uri": SYSTEM, "X-Original-URI": SCOPED},
+            id="traefik-passes-client-x-original-uri",
+        ),
+        pytest.param(
+            {"X-Original-URI": SYSTEM, "X-Forwarded-Uri": SCOPED}, id="client-adds-x-forwarded-uri"
+        ),
+        pytest.param(
+            {"X-Forwarded-Uri": SCOPED, "X-Forwarded-Method": "DELETE", "X-Original-Method": "GET"},
+            id="client-adds-x-original-method",
+        ),
+        pytest.param(
+            {"X-Original-URI": SCOPED, "X-Original-URI ": SYSTEM}, id="repeated-original-uri"
+        ),
+    ],
+)
+async def test_spoofed_original_headers_are_refused(
+    redis_url: str, headers: dict[str, str]
+) -> None:
+    """A proxy that passes client headers through cannot be made to judge the client's
+    choice of path or method: original-URI or method headers that disagree are refused."""
+    async with running(settings_for(redis_url)) as (runtime, client):
+        token, _ = await create(runtime, key_type="r--")
+        sent = [
+            (k.strip(), v + (f"?pwt={token}" if "Uri" in k or "URI" in k or "URL" in k else ""))
+            for k, v in headers.items()
+        ]
+        r = await client.get("/auth", headers=[*sent, ("X-Power-Token", token)])
+    assert r.status_code in (400, 403)
+    error = (orjson.loads(r.headers["x-authgate-error"]) if r.status_code == 403 else r.json())[
+        "error"
+    ]
+    assert error["code"] == "BAD_REQUEST"
+
+
+async def test_gateway_fabric_without_path_header_is_refused(redis_url: str) -> None:
+    """Exactly /ext-authz without the original path is a bad request, folded for nginx."""
+    async with running(settings_for(redis_url)) as (runtime, client):
+        token, _ = await create(runtime)
+        r = await client.get(f"/ext-authz?pwt={token}", headers={"X-Power-Token": token})
+    assert r.status_code == 403
+    assert r.headers["x-authgate-status"] == "400"
