@@ -1,0 +1,43 @@
+# syntax=docker/dockerfile:1
+# authgate image: install into a virtualenv in a builder stage, then copy only that
+# virtualenv into a clean slim image that runs as an unprivileged numeric user.
+#   docker build -t ghcr.io/authgate/authgate:0.1.0 .
+#   docker run --rm -e AUTHGATE_PEPPER_FILE=... -e AUTHGATE_REDIS_URL=... -p 8080:8080 ghcr.io/authgate/authgate:0.1.0
+
+# Both stages must use the same Python so the venv's interpreter links stay valid.
+# Pin a digest (python:3.12-slim@sha256:...) for reproducible builds.
+ARG PYTHON_IMAGE=python:3.12-slim
+
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+# Every dependency ships binary wheels for linux amd64/arm64, so no compiler is needed.
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY src ./src
+# pip compiles the bytecode here; at run time the root filesystem is read-only.
+RUN pip install .
+
+FROM ${PYTHON_IMAGE}
+LABEL org.opencontainers.image.title="authgate" \
+      org.opencontainers.image.description="API-token authorization sidecar for nginx auth_request" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 authgate \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home \
+       --home-dir /nonexistent --shell /usr/sbin/nologin authgate
+COPY --from=builder /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    AUTHGATE_LISTEN=0.0.0.0:8080 \
+    AUTHGATE_METRICS_LISTEN=0.0.0.0:9180 \
+    AUTHGATE_METRICS_DIR=/tmp/authgate-metrics
+# Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+USER 10001:10001
+# 8080 /auth, /ext-authz/..., /healthz, /readyz; 9180 /metrics; 8081 management API
+# (only when AUTHGATE_ADMIN_LISTEN is set).
+EXPOSE 8080 9180 8081
+ENTRYPOINT ["authgate"]
+CMD ["serve"]
