@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import time
 
 import httpx
 
@@ -18,6 +19,16 @@ def metric(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def settled_metrics(url: str, name: str, expected: float, timeout: float = 3.0) -> str:
+    """/metrics once `name` reaches `expected`: workers flush their counts every 50 ms."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = httpx.get(url).text
+        if metric(text, name) >= expected or time.monotonic() > deadline:
+            return text
+        time.sleep(0.02)
 
 
 def test_metrics_count_decisions_by_status_and_code(
@@ -53,7 +64,7 @@ def test_metrics_count_decisions_by_status_and_code(
         )
     for _ in range(2):
         assert httpx.get(url, headers={"X-Original-URI": "/x"}).status_code == 401
-    text = httpx.get(authgate_server.metrics_url).text
+    text = settled_metrics(authgate_server.metrics_url, "authgate_decision_seconds_count", 5)
     assert metric(text, "authgate_decisions_total", status="200", code="OK") == 3
     assert metric(text, "authgate_decisions_total", status="401", code="TOKEN_MISSING") == 2
     assert metric(text, "authgate_decision_seconds_count") == 5

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from .auth import Authorizer, DataPlane, Receive, Scope, Send
-from .backend import connect, connect_subscriber, mapped_errors
+from .backend import connect, connect_subscriber, mapped_errors, watch_topology
 from .cache import TokenCache
 from .config import Settings, load_settings
 from .errors import BackendUnavailable
@@ -64,6 +64,11 @@ class Runtime:
                 name="authgate-usage",
             ),
         ]
+        follow = watch_topology(
+            self.settings.redis_url, self.settings.redis_timeout, (self.redis, sub)
+        )
+        if follow is not None:  # Sentinel: reconnect both clients when the master moves
+            self._tasks.append(asyncio.create_task(follow, name="authgate-topology"))
 
     async def stop(self) -> None:
         for task in self._tasks:

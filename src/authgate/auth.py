@@ -7,8 +7,10 @@ failing one answers. Nothing here raises to the server: every outcome is a decis
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from .metrics import Metrics
 from .model import Entry, ip_allowed, iso
 from .paths import BadPath, encode, normalise, query_pairs, split_uri
 from .store import TokenStore
-from .tokens import is_well_formed
+from .tokens import digest, is_well_formed
 from .usage import UsageRecorder
 
 log = logging.getLogger("authgate")
@@ -66,7 +68,11 @@ def deny(code: str, check: int, **details: Any) -> Decision:
 
 
 class Authorizer:
-    """Decides one request. Holds the cache; asks the store only on a miss."""
+    """Decides one request. Holds the cache; asks the store only on a miss.
+
+    `decide_cached` is the hot path: when the cache can answer, the whole decision is made
+    without a single await. `decide` adds the Redis lookup for everything else.
+    """
 
     def __init__(
         self,
@@ -86,51 +92,92 @@ class Authorizer:
         self.prefix = settings.token_prefix
         self.environment = settings.environment
         self.max_token = settings.max_token_length
+        self.routes = RouteTable(settings.routes)
+        self._both = settings.token_mode == "both"
+        self._pepper = settings.pepper.reveal()
+        self._cache_counts = metrics.cache_counts
+        # One Redis GET per token however many requests carry it at once.
+        self._loading: dict[bytes, asyncio.Future[Entry | BackendUnavailable | None]] = {}
 
     # -- checks 1-4: the token itself --------------------------------------------------------
     def pick_token(self, req: AuthRequest) -> str | Decision:
-        values = {label: v for label, v in req.candidates.items() if v}
-        if not values:
+        found = self.candidate(req)
+        if isinstance(found, str) and not is_well_formed(found, self.prefix):
+            return deny("TOKEN_INVALID", 4)
+        return found
+
+    def candidate(self, req: AuthRequest) -> str | Decision:
+        """Checks 1-3 and check 4's length limit; the rest of check 4 is `is_well_formed`."""
+        candidates = req.candidates
+        present = 0
+        for values in candidates.values():
+            if values:
+                present += 1
+        if not present:
             return deny("TOKEN_MISSING", 1, sources=[s.label for s in self.sources])
-        if self.settings.token_mode == "both" and len(values) < len(self.sources):
-            missing = [s.label for s in self.sources if s.label not in values]
+        if self._both and present < len(self.sources):
+            missing = [s.label for s in self.sources if not candidates.get(s.label)]
             return deny("TOKEN_MISSING", 2, missing=missing)
-        distinct = {v for vs in values.values() for v in vs}
-        if len(distinct) > 1:
-            return deny("TOKEN_MISMATCH", 3, sources=sorted(values))
-        token = distinct.pop()
-        if len(token) > self.max_token or not is_well_formed(token, self.prefix):
+        token: str | None = None
+        for values in candidates.values():
+            for value in values:
+                if token is None:
+                    token = value
+                elif value != token:
+                    labels = sorted(label for label, v in candidates.items() if v)
+                    return deny("TOKEN_MISMATCH", 3, sources=labels)
+        if token is None or len(token) > self.max_token:
             return deny("TOKEN_INVALID", 4)
         return token
 
     # -- check 5: find it ---------------------------------------------------------------------
     async def lookup(self, token: str) -> Entry | Decision | None:
-        digest = self.store.hash(token)
+        """The token's entry (None when unknown), from the cache or one Redis GET."""
+        key = digest(self._pepper, token)
         now = time.monotonic()
-        state, entry = self.cache.get(digest, now)
-        self.metrics.cache_child[state].inc()
+        state, entry = self.cache.get(key, now)
+        self._cache_counts[state] += 1
         if state == "fresh":
             return entry
         if state == "negative":
             return None
+        loaded = await self._load(key, now)
+        if isinstance(loaded, BackendUnavailable):
+            if state == "stale":
+                return entry  # bounded by stale_window; invalidations still drop it
+            log.warning("redis unavailable on lookup: %s", type(loaded.__cause__).__name__)
+            return deny("UNAVAILABLE", 12)
+        return loaded
+
+    async def _load(self, key: bytes, now: float) -> Entry | BackendUnavailable | None:
+        pending = self._loading.get(key)
+        if pending is not None:  # the same token is being read already: share its answer
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Entry | BackendUnavailable | None]
+        future = asyncio.get_running_loop().create_future()
+        self._loading[key] = future
+        result: Entry | BackendUnavailable | None = BackendUnavailable("lookup did not finish")
+        try:
+            result = await self._read(key, now)
+        finally:
+            del self._loading[key]
+            future.set_result(result)
+        return result
+
+    async def _read(self, key: bytes, now: float) -> Entry | BackendUnavailable | None:
         generation = self.cache.generation
         started = time.perf_counter()
         try:
-            record = await self.store.record_by_hash(digest)
+            record = await self.store.record_by_hash(key.hex())
         except BackendUnavailable as exc:
-            self.metrics.redis_errors.inc()
-            self.metrics.redis_up.set(0)
-            if state == "stale":
-                return entry  # bounded by stale_window; invalidations still drop it
-            log.warning("redis unavailable on lookup: %s", type(exc.__cause__).__name__)
-            return deny("UNAVAILABLE", 12)
-        self.metrics.redis_latency.observe(time.perf_counter() - started)
-        self.metrics.redis_up.set(1)
+            self.metrics.redis_failed()
+            return exc
+        self.metrics.redis_call(time.perf_counter() - started)
         if record is None:
-            self.cache.put_negative(digest, now, generation)
+            self.cache.put_negative(key, now, generation)
             return None
         fresh = Entry.from_record(record)
-        self.cache.put(digest, fresh, now, generation)
+        self.cache.put(key, fresh, now, generation)
         return fresh
 
     # -- checks 6-11: what this token may do here --------------------------------------------
@@ -141,7 +188,7 @@ class Authorizer:
             return deny("TOKEN_EXPIRED", 6, expired_at=iso(entry.expires_at))
         if entry.networks and not ip_allowed(entry.networks, req.client_ip):
             return deny("IP_NOT_ALLOWED", 7, client_ip=str(req.client_ip or "unknown"))
-        route, bound = match_route(self.settings.routes, req.path)
+        route, bound = self.routes.match(req.path)
         if route is not None:
             scope = self.check_scope(entry, route, bound, req)
             if scope is not None:
@@ -172,6 +219,22 @@ class Authorizer:
                 return deny("SCOPE_MISMATCH", 8)
         return None
 
+    def decide_cached(self, req: AuthRequest) -> Decision | None:
+        """The decision when no Redis call is needed (token rejected or found fresh in the
+        cache), else None. A cache hit skips check 4's checksum: only tokens that passed it
+        are ever cached, and the key is their HMAC."""
+        token = self.candidate(req)
+        if isinstance(token, Decision):
+            return token
+        entry = self.cache.fresh(digest(self._pepper, token), time.monotonic())
+        if entry is None:
+            return None
+        self._cache_counts["fresh"] += 1
+        decision = self.authorize(entry, req, time.time())
+        if decision.status == 200:
+            self.usage.note(entry.id)
+        return decision
+
     async def decide(self, req: AuthRequest) -> Decision:
         picked = self.pick_token(req)
         if isinstance(picked, Decision):
@@ -187,22 +250,37 @@ class Authorizer:
         return decision
 
 
+class RouteTable:
+    """`Settings.routes` compiled: one anchored regex per route, tried in order."""
+
+    def __init__(self, routes: tuple[Route, ...]) -> None:
+        self._routes: list[tuple[Route, str, re.Pattern[str], tuple[str, ...]]] = []
+        for route in routes:
+            pattern, head, names = "", "", []
+            for segment in route.segments:
+                if segment[0] == "{":
+                    pattern += "/([^/]+)"
+                    names.append(segment[1:-1])
+                else:
+                    pattern += "/" + re.escape(segment)
+                    if not names:
+                        head += "/" + segment
+            # Whole segments: the prefix ends the path or a slash follows (\Z, not $: a
+            # decoded %0A must not end a segment early).
+            compiled = re.compile(pattern + r"(?:/|\Z)")
+            self._routes.append((route, head, compiled, tuple(names)))
+
+    def match(self, path: str) -> tuple[Route | None, dict[str, str]]:
+        for route, head, pattern, names in self._routes:
+            if path.startswith(head):
+                m = pattern.match(path)
+                if m is not None:
+                    return route, dict(zip(names, m.groups(), strict=True))
+        return None, {}
+
+
 def match_route(routes: tuple[Route, ...], path: str) -> tuple[Route | None, dict[str, str]]:
-    segments = path.split("/")[1:]
-    for route in routes:
-        if len(segments) < len(route.segments):
-            continue
-        bound: dict[str, str] = {}
-        for want, got in zip(route.segments, segments, strict=False):
-            if want[0] == "{":
-                if not got:
-                    break
-                bound[want[1:-1]] = got
-            elif want != got:
-                break
-        else:
-            return route, bound
-    return None, {}
+    return RouteTable(routes).match(path)
 
 
 class DataPlane:
@@ -216,12 +294,16 @@ class DataPlane:
         self.metrics = authorizer.metrics
         self.ready = ready
         self.trusted = settings.trusted_proxies
-        self._trusted_cache: dict[str, bool] = {}
+        # Parsed peer addresses (and whether they are trusted proxies) and X-Real-IP values:
+        # the same few recur on every request, and ipaddress parsing costs microseconds.
+        self._peers: dict[str, tuple[IPAddress | None, bool]] = {}
+        self._addresses: dict[bytes, IPAddress | None] = {}
         header_sources = {}
         for s in settings.token_sources:
             if s.kind == "header":
                 header_sources[s.name.encode()] = s.label
         self.header_sources = header_sources
+        self.wanted = _WANTED | frozenset(header_sources)
         self.bearer = any(s.kind == "bearer" for s in settings.token_sources)
         self.query_sources = {s.name: s.label for s in settings.token_sources if s.kind == "query"}
 
@@ -252,34 +334,31 @@ class DataPlane:
         req: AuthRequest | None = None
         try:
             req = self.parse(scope)
-            decision = await self.authorizer.decide(req)
+            decision = self.authorizer.decide_cached(req)
+            if decision is None:
+                decision = await self.authorizer.decide(req)
         except BadRequest as exc:
             decision = deny("BAD_REQUEST", 0, reason=exc.reason)
         except Exception as exc:  # every outcome must be a decision, never a 500 to nginx
             log.error("unexpected %s while deciding; answering UNAVAILABLE", type(exc).__name__)
             decision = deny("UNAVAILABLE", 12)
         fold = req.fold if req is not None else is_nginx(scope)
-        if decision.allowed and req is not None and decision.entry is not None:
-            clean = self.clean_query(req)
+        entry = decision.entry
+        if decision.status == 200 and req is not None and entry is not None:
+            clean = self.clean_query(req) if req.query else ""
             uri = encode(req.path) + ("?" + clean if clean else "")
             headers = [
-                *decision.entry.headers,
+                *entry.headers,
+                entry.user_header,
+                entry.id_header,
                 (b"x-authgate-uri", uri.encode("latin-1")),
                 (b"x-authgate-query", clean.encode("latin-1")),
                 (b"content-length", b"0"),
             ]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": b""})
+            await send(_EMPTY_BODY)
         else:
-            body = orjson.dumps(
-                {
-                    "error": {
-                        "code": decision.code,
-                        "message": MESSAGES[decision.code],
-                        "details": decision.details,
-                    }
-                }
-            )
+            body = error_body(decision)
             if fold:
                 headers = [
                     (b"x-authgate-status", str(decision.status).encode()),
@@ -293,11 +372,10 @@ class DataPlane:
                         "headers": headers,
                     }
                 )
-                await send({"type": "http.response.body", "body": b""})
+                await send(_EMPTY_BODY)
             else:
                 await respond(send, decision.status, body)
-        self.metrics.decision_child[(decision.status, decision.code)].inc()
-        self.metrics.latency.observe(time.perf_counter() - started)
+        self.metrics.decided(decision.code, time.perf_counter() - started)
 
     def clean_query(self, req: AuthRequest) -> str:
         if not req.query:
@@ -308,35 +386,53 @@ class DataPlane:
     def parse(self, scope: Scope) -> AuthRequest:
         """Read the dialect, original URI and method, client IP and token candidates."""
         seen: dict[bytes, list[bytes]] = {}
+        wanted = self.wanted
         for name, value in scope["headers"]:
             if len(value) > MAX_HEADER_VALUE:
                 raise BadRequest("header too long")
-            if name in _WANTED or name in self.header_sources:
-                seen.setdefault(name, []).append(value)
-        fold = False
+            if name in wanted:
+                values = seen.get(name)
+                if values is None:
+                    seen[name] = [value]
+                else:
+                    values.append(value)
         path = scope["path"]
-        if path.startswith("/ext-authz"):
+        if path == "/ext-authz":
+            # NGINX Gateway Fabric: nginx auth_request to exactly this path, with the
+            # original in `Path` and `Method` headers; statuses fold as for nginx.
+            uri = _single(seen.get(b"path"), "Path") or ""
+            if not uri:
+                raise BadRequest("no original path (Path header)")
+            method = (_single(seen.get(b"method"), "Method") or scope["method"]).upper()
+            fold = True
+        elif path.startswith("/ext-authz/"):
+            # Envoy ext_authz: the original method and path are on the request line.
             raw = scope.get("raw_path") or path.encode()
-            uri = raw.decode("latin-1")[len("/ext-authz") :] or "/"
+            uri = raw.decode("latin-1")[len("/ext-authz") :]
             query_bytes: bytes = scope.get("query_string", b"")
             if query_bytes:
                 uri += "?" + query_bytes.decode("latin-1")
             method = scope["method"]
+            fold = False
+        elif (nginx := _nginx_only(seen)) is not None:
+            # The common case, plain nginx: one X-Original-URI, at most one X-Original-Method
+            # and none of the other dialects' headers (the general branch below agrees).
+            fold = True
+            uri = nginx.decode("latin-1")
+            methods_given = seen.get(b"x-original-method")
+            given_method = methods_given[0].decode("latin-1") if methods_given else ""
+            method = given_method.upper() if given_method else scope["method"]
         else:
-            uri_values = seen.get(b"x-original-uri") or seen.get(b"x-original-url")
-            if uri_values:
-                fold = True
-            else:
-                uri_values = seen.get(b"x-forwarded-uri")
-            if uri_values:
-                if len(uri_values) > 1:
-                    raise BadRequest("repeated original URI header")
-                uri = uri_values[0].decode("latin-1")
-            else:  # a direct caller: /auth?… itself is the request to judge
-                query_bytes = scope.get("query_string", b"")
-                uri = "/" + ("?" + query_bytes.decode("latin-1") if query_bytes else "")
-            methods = seen.get(b"x-original-method") or seen.get(b"x-forwarded-method")
-            method = methods[0].decode("latin-1").upper() if methods else scope["method"]
+            fold = b"x-original-uri" in seen or b"x-original-url" in seen
+            uri = self.original_uri(seen, scope)
+            methods = [
+                _single(seen.get(h), h.decode())
+                for h in (b"x-original-method", b"x-forwarded-method")
+            ]
+            given = {m.upper() for m in methods if m}
+            if len(given) > 1:
+                raise BadRequest("original method headers disagree")
+            method = given.pop() if given else scope["method"]
         try:
             raw_path, query = split_uri(uri)
             npath = normalise(raw_path)
@@ -364,30 +460,51 @@ class DataPlane:
                 if qlabel is not None:
                     candidates.setdefault(qlabel, []).append(value.strip())
         for clabel, found in list(candidates.items()):
-            kept = [v for v in found if v]
-            if kept:
-                candidates[clabel] = kept
-            else:
-                del candidates[clabel]
+            if "" in found:
+                kept = [v for v in found if v]
+                if kept:
+                    candidates[clabel] = kept
+                else:
+                    del candidates[clabel]
         return req
+
+    @staticmethod
+    def original_uri(seen: dict[bytes, list[bytes]], scope: Scope) -> str:
+        """The URI to judge. When several proxies' headers are present (a client can add
+        its own that a proxy passes through), they must all name the same path and query."""
+        found = [
+            _single(seen.get(h), h.decode())
+            for h in (b"x-original-uri", b"x-original-url", b"x-forwarded-uri")
+        ]
+        uris = [u for u in found if u is not None]
+        if not uris:  # a direct caller: /auth?… itself is the request to judge
+            query_bytes = scope.get("query_string", b"")
+            return "/" + ("?" + query_bytes.decode("latin-1") if query_bytes else "")
+        if len(uris) > 1:
+            try:
+                if len({split_uri(u) for u in uris}) > 1:
+                    raise BadRequest("original URI headers disagree")
+            except BadPath as exc:
+                raise BadRequest(str(exc)) from None
+        return uris[0]
 
     def client_ip(self, scope: Scope, seen: dict[bytes, list[bytes]]) -> IPAddress | None:
         client = scope.get("client")
         peer = client[0] if client else None
         if peer is None:
             return None
-        try:
-            peer_ip = ipaddress.ip_address(peer)
-        except ValueError:
-            return None
-        if not self.is_trusted(peer, peer_ip):
+        known = self._peers.get(peer)
+        if known is None:
+            known = self._peer(peer)
+        peer_ip, trusted = known
+        if peer_ip is None or not trusted:
             return peer_ip
         real = seen.get(b"x-real-ip")
         if real:
-            try:
-                return ipaddress.ip_address(real[-1].decode("latin-1").strip())
-            except ValueError:
-                return None  # fail closed: an allowlist will refuse
+            raw = real[-1]
+            if raw in self._addresses:
+                return self._addresses[raw]
+            return self._address(raw)  # None (fail closed) when it is not an address
         forwarded = seen.get(b"x-forwarded-for")
         if forwarded:
             hops = [h.strip() for v in forwarded for h in v.decode("latin-1").split(",")]
@@ -401,14 +518,27 @@ class DataPlane:
             return ipaddress.ip_address(hops[0]) if hops else peer_ip
         return peer_ip
 
-    def is_trusted(self, peer: str, peer_ip: IPAddress) -> bool:
-        known = self._trusted_cache.get(peer)
-        if known is None:
-            known = ip_allowed(self.trusted, peer_ip)
-            if len(self._trusted_cache) > 1024:
-                self._trusted_cache.clear()
-            self._trusted_cache[peer] = known
+    def _peer(self, peer: str) -> tuple[IPAddress | None, bool]:
+        try:
+            peer_ip = ipaddress.ip_address(peer)
+        except ValueError:
+            known: tuple[IPAddress | None, bool] = (None, False)
+        else:
+            known = (peer_ip, ip_allowed(self.trusted, peer_ip))
+        if len(self._peers) >= 1024:
+            self._peers.clear()
+        self._peers[peer] = known
         return known
+
+    def _address(self, raw: bytes) -> IPAddress | None:
+        try:
+            ip: IPAddress | None = ipaddress.ip_address(raw.decode("latin-1").strip())
+        except ValueError:
+            ip = None
+        if len(self._addresses) >= 4096:
+            self._addresses.clear()
+        self._addresses[raw] = ip
+        return ip
 
 
 _WANTED = frozenset(
@@ -421,11 +551,66 @@ _WANTED = frozenset(
         b"x-real-ip",
         b"x-forwarded-for",
         b"authorization",
+        b"path",  # NGINX Gateway Fabric, on exactly /ext-authz
+        b"method",
     }
 )
 
 
+def _nginx_only(seen: dict[bytes, list[bytes]]) -> bytes | None:
+    """The X-Original-URI value when it is the only original-URI/method header besides at
+    most one X-Original-Method; None otherwise (then the general rules apply)."""
+    uris = seen.get(b"x-original-uri")
+    if uris is None or len(uris) != 1:
+        return None
+    methods = seen.get(b"x-original-method")
+    if methods is not None and len(methods) != 1:
+        return None
+    for other in _OTHER_DIALECTS:
+        if other in seen:
+            return None
+    return uris[0]
+
+
+_OTHER_DIALECTS = (b"x-original-url", b"x-forwarded-uri", b"x-forwarded-method")
+_EMPTY_BODY: dict[str, Any] = {"type": "http.response.body", "body": b""}
+_BODIES: dict[str, bytes] = {}  # error bodies without details, made once per code
+
+
+def error_body(decision: Decision) -> bytes:
+    """`{"error": {"code", "message", "details"}}` for a denial."""
+    if not decision.details:
+        body = _BODIES.get(decision.code)
+        if body is None:
+            body = _BODIES[decision.code] = _dump(decision)
+        return body
+    return _dump(decision)
+
+
+def _dump(decision: Decision) -> bytes:
+    return orjson.dumps(
+        {
+            "error": {
+                "code": decision.code,
+                "message": MESSAGES[decision.code],
+                "details": decision.details,
+            }
+        }
+    )
+
+
+def _single(values: list[bytes] | None, name: str) -> str | None:
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BadRequest(f"repeated {name} header")
+    return values[0].decode("latin-1")
+
+
 def is_nginx(scope: Scope) -> bool:
+    """Whether the caller is an nginx `auth_request` (statuses fold to 401/403)."""
+    if scope["path"] == "/ext-authz":
+        return True
     return any(n in (b"x-original-uri", b"x-original-url") for n, _ in scope["headers"])
 
 

@@ -4,12 +4,20 @@ Supported URLs:
   redis://[:password@]host:port/db, rediss://…, unix:///path?db=0   a single server
   redis+sentinel://[:password@]host:port[,host:port…]/service[/db]  Sentinel
   redis+cluster://[:password@]host:port[,host:port…]                Redis Cluster
+
+Every client made here fails fast: one attempt per command, `timeout` for connecting and
+for each reply, no hidden retries or back-off (redis-py's default would retry ten times
+and turn a dead Redis into seconds of waiting per request), and a bounded number of
+connections, so a Redis that stops answering cannot pile up sockets either. What to do
+about a failure is decided above this module: serve from the cache, or answer 503.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -17,12 +25,25 @@ from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.sentinel import Sentinel
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException, RedisError
 
 from .errors import BackendUnavailable, ConfigError
 
-FOREIGN_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+log = logging.getLogger("authgate")
+
+# RedisClusterException (e.g. "cannot connect to any node") is not a RedisError.
+FOREIGN_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+
+# Connections one client may open (per node for a Cluster). Far above what a worker needs
+# while Redis answers in time; reached only when Redis stalls, and then the next command
+# fails at once instead of opening another socket that would wait too.
+MAX_CONNECTIONS = 256
+
+# How often a Sentinel client asks the sentinels where the master is (see watch_topology).
+SENTINEL_POLL = 0.25
 
 
 @asynccontextmanager
@@ -93,6 +114,60 @@ def parse_redis_url(url: str) -> RedisTarget:
     )
 
 
+def _no_retry() -> Retry:
+    return Retry(NoBackoff(), 0)
+
+
+class MajoritySentinel(Sentinel):
+    """Asks every sentinel at once and follows what most of those that answer say.
+
+    redis-py takes the first sentinel that answers; one that has not yet heard of a
+    failover would send new connections back to the old master.
+    """
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        async def ask(sentinel: Any) -> tuple[str, int] | None:
+            try:
+                masters = await sentinel.sentinel_masters()
+            except FOREIGN_ERRORS:
+                return None
+            state = masters.get(service_name)
+            if state and self.check_master_state(state, service_name):
+                return str(state["ip"]), int(state["port"])
+            return None
+
+        answers = await asyncio.gather(*(ask(s) for s in self.sentinels))
+        votes = Counter(a for a in answers if a is not None)
+        if not votes:
+            raise MasterNotFoundError(f"No master found for {service_name!r}")
+        return votes.most_common(1)[0][0]
+
+
+class SentinelMasterClient(aioredis.Redis):
+    """The client `master_for` returns; closing it closes its sentinel connections too."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        pool: Any = self.connection_pool
+        await pool.sentinel_manager.aclose()
+
+
+def _sentinel(target: RedisTarget, timeout: float, **common: Any) -> MajoritySentinel:
+    return MajoritySentinel(  # type: ignore[no-untyped-call]
+        list(target.hosts),
+        sentinel_kwargs={
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "password": target.password,
+            "retry": _no_retry(),
+        },
+        username=target.username,
+        password=target.password,
+        db=target.db,
+        **common,
+    )
+
+
 def connect(url: str, timeout: float, *, decode: bool = False) -> Any:
     """A redis.asyncio client for `url` with short timeouts and no hidden retries."""
     target = parse_redis_url(url)
@@ -100,21 +175,15 @@ def connect(url: str, timeout: float, *, decode: bool = False) -> Any:
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "decode_responses": decode,
+        "retry": _no_retry(),
+        "max_connections": MAX_CONNECTIONS,
     }
     if target.kind == "single":
-        return aioredis.Redis.from_url(
-            url, retry_on_timeout=False, health_check_interval=30, **common
-        )
+        return aioredis.Redis.from_url(url, health_check_interval=30, **common)
     if target.kind == "sentinel":
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            list(target.hosts),
-            sentinel_kwargs={"socket_timeout": timeout, "password": target.password},
-            username=target.username,
-            password=target.password,
-            db=target.db,
-            **common,
+        return _sentinel(target, timeout, **common).master_for(
+            target.service, redis_class=SentinelMasterClient
         )
-        return sentinel.master_for(target.service)
     return RedisCluster(
         startup_nodes=[ClusterNode(h, p) for h, p in target.hosts],
         username=target.username,
@@ -123,26 +192,86 @@ def connect(url: str, timeout: float, *, decode: bool = False) -> Any:
     )
 
 
+class ClusterSubscriber:
+    """Pub/sub for a Cluster: one node at a time, the next one on every new subscription.
+
+    PUBLISH in a Cluster reaches every node, so any node hears every invalidation; when
+    the one in use fails, the subscriber's retry lands on another.
+    """
+
+    def __init__(self, hosts: Sequence[tuple[str, int]], **common: Any) -> None:
+        self.clients = [aioredis.Redis(host=h, port=p, **common) for h, p in hosts]
+        self._next = 0
+
+    def pubsub(self) -> Any:
+        client = self.clients[self._next % len(self.clients)]
+        self._next += 1
+        return client.pubsub()
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
+
+
 def connect_subscriber(url: str, timeout: float) -> Any:
     """A client for pub/sub: no read timeout (it waits for messages), a connect timeout.
 
-    In a Cluster, PUBLISH reaches every node, so a plain connection to one node is enough.
+    No retries either: redis-py would otherwise reconnect and re-subscribe silently, and
+    the invalidation task would never learn that messages may have been missed.
     """
     target = parse_redis_url(url)
-    common: dict[str, Any] = {"socket_connect_timeout": timeout, "health_check_interval": 5}
+    common: dict[str, Any] = {
+        "socket_connect_timeout": timeout,
+        "health_check_interval": 5,
+        "retry": _no_retry(),
+    }
     if target.kind == "single":
         return aioredis.Redis.from_url(url, **common)
     if target.kind == "sentinel":
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            list(target.hosts),
-            sentinel_kwargs={"socket_timeout": timeout, "password": target.password},
-            username=target.username,
-            password=target.password,
-            db=target.db,
-            **common,
+        return _sentinel(target, timeout, **common).master_for(
+            target.service, redis_class=SentinelMasterClient
         )
-        return sentinel.master_for(target.service)
-    host, port = target.hosts[0]
-    return aioredis.Redis(
-        host=host, port=port, username=target.username, password=target.password, **common
+    return ClusterSubscriber(
+        target.hosts, username=target.username, password=target.password, **common
     )
+
+
+def watch_topology(
+    url: str, timeout: float, clients: Sequence[Any]
+) -> Coroutine[Any, Any, None] | None:
+    """For Sentinel: a task that follows the master and reconnects `clients` when it moves.
+
+    After a failover the old master may keep answering (and keep its subscribers) until a
+    sentinel reconfigures it, which takes seconds; connections to it would read a stale
+    copy and hear no invalidations. Dropping every connection makes the next command ask
+    the sentinels again, and the invalidation subscriber re-subscribes (flushing the cache).
+    None for other topologies: a Cluster client follows MOVED redirections by itself.
+    """
+    target = parse_redis_url(url)
+    if target.kind != "sentinel":
+        return None
+    return _follow_master(_sentinel(target, timeout), target.service, clients)
+
+
+async def _follow_master(sentinel: MajoritySentinel, service: str, clients: Sequence[Any]) -> None:
+    known: tuple[str, int] | None = None
+    try:
+        while True:
+            try:
+                where = await sentinel.discover_master(service)
+            except FOREIGN_ERRORS:
+                where = None
+            if where is not None:
+                if known is not None and where != known:
+                    log.warning(
+                        "sentinel: master of %s moved from %s:%d to %s:%d; reconnecting",
+                        service,
+                        *known,
+                        *where,
+                    )
+                    for client in clients:
+                        await client.connection_pool.disconnect()
+                known = where
+            await asyncio.sleep(SENTINEL_POLL)
+    finally:
+        await sentinel.aclose()

@@ -3,6 +3,9 @@
 Positive entries are fresh for `ttl` seconds and may be served stale for `stale_window`
 more, only while Redis is unreachable. Unknown hashes are remembered for `negative_ttl`
 so a flood of the same bad token stays off Redis. Invalidation drops one hash (or all).
+
+Keys are the raw 32-byte HMAC digests (half the size of their hex form); a few hundred
+bytes per cached token in all (see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -24,11 +27,18 @@ class TokenCache:
         self.negative_ttl = negative_ttl
         self.size = size
         self.negative_size = negative_size
-        self._entries: dict[str, tuple[Entry, float]] = {}
-        self._negative: dict[str, float] = {}
+        self._entries: dict[bytes, tuple[Entry, float]] = {}
+        self._negative: dict[bytes, float] = {}
         self.generation = 0  # bumped on every invalidation; guards in-flight loads
 
-    def get(self, digest: str, now: float) -> tuple[Freshness, Entry | None]:
+    def fresh(self, digest: bytes, now: float) -> Entry | None:
+        """The hot path's question: a fresh entry, or None (then ask `get`)."""
+        hit = self._entries.get(digest)
+        if hit is not None and now - hit[1] < self.ttl:
+            return hit[0]
+        return None
+
+    def get(self, digest: bytes, now: float) -> tuple[Freshness, Entry | None]:
         hit = self._entries.get(digest)
         if hit is not None:
             entry, loaded = hit
@@ -45,7 +55,7 @@ class TokenCache:
             del self._negative[digest]
         return "miss", None
 
-    def put(self, digest: str, entry: Entry, now: float, generation: int) -> None:
+    def put(self, digest: bytes, entry: Entry, now: float, generation: int) -> None:
         if generation != self.generation:
             return  # invalidated while Redis was being asked: the answer may be stale
         if len(self._entries) >= self.size and digest not in self._entries:
@@ -53,14 +63,14 @@ class TokenCache:
         self._entries[digest] = (entry, now)
         self._negative.pop(digest, None)
 
-    def put_negative(self, digest: str, now: float, generation: int) -> None:
+    def put_negative(self, digest: bytes, now: float, generation: int) -> None:
         if generation != self.generation:
             return
         if len(self._negative) >= self.negative_size and digest not in self._negative:
             self._negative.pop(next(iter(self._negative)))
         self._negative[digest] = now + self.negative_ttl
 
-    def invalidate(self, digest: str) -> None:
+    def invalidate(self, digest: bytes) -> None:
         self.generation += 1
         self._entries.pop(digest, None)
         self._negative.pop(digest, None)
@@ -69,6 +79,16 @@ class TokenCache:
         self.generation += 1
         self._entries.clear()
         self._negative.clear()
+
+    def demote(self, now: float) -> None:
+        """Invalidations may be missed from now on: make every entry stale.
+
+        Stale entries are re-read from Redis when it answers and served only while it
+        does not, for at most `stale_window` from now.
+        """
+        self.generation += 1
+        cutoff = now - self.ttl
+        self._entries = {d: (e, min(t, cutoff)) for d, (e, t) in self._entries.items()}
 
     def __len__(self) -> int:
         return len(self._entries)

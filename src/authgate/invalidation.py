@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from typing import Any
 
 from .backend import FOREIGN_ERRORS
@@ -28,12 +29,17 @@ class Invalidator:
         self.subscribed = asyncio.Event()
 
     def apply(self, data: bytes) -> None:
-        if data == b"*":
+        """One message: a token's hex hash to drop, or "*" (or anything unreadable): all."""
+        try:
+            digest = b"" if data == b"*" else bytes.fromhex(data.decode("ascii"))
+        except ValueError:
+            digest = b""
+        if len(digest) == 32:
+            self.cache.invalidate(digest)
+            self.metrics.invalidation_child["token"].inc()
+        else:
             self.cache.flush()
             self.metrics.invalidation_child["flush"].inc()
-        else:
-            self.cache.invalidate(data.decode("ascii", "replace"))
-            self.metrics.invalidation_child["token"].inc()
 
     async def run(self) -> None:
         backoff = 0.05
@@ -51,19 +57,30 @@ class Invalidator:
                 self.subscribed.set()
                 backoff = 0.05
                 while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
-                    if msg is not None and msg["type"] == "message":
+                    msg = await pubsub.get_message(timeout=5.0)
+                    if msg is None:
+                        continue
+                    if msg["type"] == "message":
                         self.apply(msg["data"])
+                    elif msg["type"] == "subscribe":
+                        # The client reconnected and re-subscribed on its own: whatever
+                        # was published in between is lost.
+                        self.cache.flush()
+                        self.metrics.invalidation_child["flush"].inc()
             except asyncio.CancelledError:
                 raise
             except FOREIGN_ERRORS as exc:
                 if self.subscribed.is_set():
                     log.warning(
-                        "invalidation subscription lost (%s); flushing the cache",
+                        "invalidation subscription lost (%s); cached tokens are re-checked "
+                        "until it is back",
                         type(exc).__name__,
                     )
                 self.subscribed.clear()
-                self.cache.flush()
+                # Not a flush: while Redis is unreachable, cached decisions are what keeps
+                # known tokens working (for stale_window). Stale entries are re-read from
+                # Redis whenever it answers; the cache is flushed on re-subscribe.
+                self.cache.demote(time.monotonic())
             finally:
                 try:
                     await asyncio.shield(pubsub.aclose())

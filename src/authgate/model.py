@@ -12,9 +12,11 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import InvalidInput
+
+_T = TypeVar("_T")
 
 KEY_TYPES = ("r--", "-w-", "--d", "rw-", "r-d", "-wd", "rwd")
 KINDS = ("query", "management")
@@ -106,8 +108,10 @@ def validate_spec(spec: Mapping[str, Any], *, now: float | None = None) -> dict[
         raise InvalidInput("key_type", "'---' grants nothing; choose at least one of r, w, d")
     if key_type not in KEY_TYPES:
         raise InvalidInput("key_type", f"must be one of {', '.join(KEY_TYPES)}")
-    kind = spec.get("kind") or "query"
-    if kind not in KINDS:
+    kind = spec.get("kind", "query")
+    if kind is None or kind == "":
+        kind = "query"
+    if not isinstance(kind, str) or kind not in KINDS:
         raise InvalidInput("kind", "must be 'query' or 'management'")
     networks = []
     for item in _list("ip_allowlist", spec.get("ip_allowlist")):
@@ -184,7 +188,11 @@ def public_view(
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """A token record compiled for the hot path."""
+    """A token record compiled for the hot path.
+
+    Values many tokens have in common (org, project, roles, the identity header pairs, empty
+    sets) are shared between entries rather than copied: 100k cached tokens stay small.
+    """
 
     id: str
     kind: str
@@ -198,38 +206,61 @@ class Entry:
     app_ids: frozenset[str]
     expires_at: float | None
     revoked: bool
-    headers: tuple[tuple[bytes, bytes], ...]
+    headers: tuple[tuple[bytes, bytes], ...]  # identity headers shared by many tokens
+    user_header: tuple[bytes, bytes]  # X-User-Id
+    id_header: tuple[bytes, bytes]  # X-Token-Id
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Entry:
         roles = tuple(record.get("roles") or ())
-        headers = (
-            (b"x-org-id", record["org"].encode()),
-            (b"x-project-id", record["project"].encode()),
-            (b"x-space-id", (record.get("space") or "").encode()),
-            (b"x-feature-id", (record.get("feature") or "").encode()),
-            (b"x-user-id", (record.get("user_id") or "").encode()),
-            (b"x-user-roles", ",".join(roles).encode()),
-            (b"x-token-id", record["id"].encode()),
-            (b"x-key-type", record["key_type"].encode()),
+        token_id = record["id"]
+        headers = _shared(
+            (
+                _header(b"x-org-id", record["org"]),
+                _header(b"x-project-id", record["project"]),
+                _header(b"x-space-id", record.get("space") or ""),
+                _header(b"x-feature-id", record.get("feature") or ""),
+                _header(b"x-user-roles", ",".join(roles)),
+                _header(b"x-key-type", record["key_type"]),
+            )
         )
         return cls(
-            id=record["id"],
-            kind=record.get("kind", "query"),
-            environment=record.get("environment", "live"),
-            key_type=record["key_type"],
-            roles=frozenset(roles),
-            org=record["org"],
-            project=record["project"],
-            permissions=frozenset(record.get("permissions") or ()),
+            id=token_id,
+            kind=_shared(record.get("kind", "query")),
+            environment=_shared(record.get("environment", "live")),
+            key_type=_shared(record["key_type"]),
+            roles=_shared(frozenset(roles)),
+            org=_shared(record["org"]),
+            project=_shared(record["project"]),
+            permissions=_shared(frozenset(record.get("permissions") or ())),
             networks=tuple(
                 ipaddress.ip_network(n, strict=False) for n in record.get("ip_allowlist") or ()
             ),
-            app_ids=frozenset(record.get("app_ids") or ()),
+            app_ids=_shared(frozenset(record.get("app_ids") or ())),
             expires_at=record.get("expires_at"),
             revoked=record.get("revoked_at") is not None,
             headers=headers,
+            user_header=_header(b"x-user-id", record.get("user_id") or ""),
+            id_header=(b"x-token-id", token_id.encode()),
         )
+
+
+# Shared immutable values for `Entry`; bounded, so distinct values cannot grow it forever.
+_SHARED: dict[Any, Any] = {}
+_SHARED_MAX = 10_000
+
+
+def _shared(value: _T) -> _T:
+    found = _SHARED.get(value)
+    if found is not None:
+        return found  # type: ignore[no-any-return]
+    if len(_SHARED) < _SHARED_MAX:
+        _SHARED[value] = value
+    return value
+
+
+def _header(name: bytes, value: str) -> tuple[bytes, bytes]:
+    return _shared((name, value.encode()))
 
 
 def ip_allowed(

@@ -8,11 +8,13 @@ one character per byte (latin-1), so nothing is lost and re-encoding is exact.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import quote, unquote_to_bytes
 
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 # Characters left as they are when the authorised path is encoded again for the upstream.
 _SAFE = "/-._~!$&'()*+,;=:@"
+_PLAIN = re.compile(r"[A-Za-z0-9/\-._~!$&'()*+,;=:@]*")
 
 
 class BadPath(ValueError):
@@ -75,6 +77,8 @@ def normalise(raw_path: str | bytes) -> str:
 
 def encode(path: str) -> str:
     """The normalised path, percent-encoded again so it reaches the upstream unchanged."""
+    if _PLAIN.fullmatch(path):  # the common case: nothing to escape
+        return path
     return quote(path.encode("latin-1"), safe=_SAFE)
 
 
@@ -102,6 +106,9 @@ def query_pairs(query: str) -> list[tuple[str, str, str]]:
         if not raw:
             continue
         key, _, value = raw.partition("=")
+        if "%" not in raw and "+" not in raw and raw.isascii():
+            out.append((key, value, raw))  # nothing to decode (the common case)
+            continue
         out.append(
             (
                 unquote_to_bytes(key.replace("+", " ")).decode("latin-1"),

@@ -12,11 +12,26 @@ import os
 import shutil
 import socket
 import tempfile
+from typing import Any
 
 from .config import Settings
 from .errors import ConfigError
 
 log = logging.getLogger("authgate")
+
+# How each worker serves HTTP; `scripts/bench.py` runs its hello-world baseline with these too.
+SERVER_OPTIONS: dict[str, Any] = {
+    "loop": "uvloop",
+    "http": "httptools",
+    "access_log": False,  # the proxy logs requests; authgate never logs a URI (tokens!)
+    "server_header": False,
+    "date_header": False,
+    "timeout_keep_alive": 75,  # longer than nginx's upstream keepalive_timeout (60s)
+    # The peer address stays the peer: /auth reads X-Real-IP/X-Forwarded-For itself, and only
+    # from trusted proxies; the management API's allowlist applies to the peer.
+    "proxy_headers": False,
+    "backlog": 2048,
+}
 
 
 def bind(name: str, address: tuple[str, int]) -> socket.socket:
@@ -76,15 +91,9 @@ def serve(settings: Settings, workers: int) -> None:
         "authgate.app:create_app",
         factory=True,
         workers=workers,
-        loop="uvloop",
-        http="httptools",
         lifespan="on",
-        access_log=False,  # the proxy logs requests; authgate never logs a URI (tokens!)
-        server_header=False,
-        date_header=False,
         log_level=settings.log_level,
-        timeout_keep_alive=75,  # longer than nginx's upstream keepalive_timeout (60s)
-        backlog=2048,
+        **SERVER_OPTIONS,
     )
     names = ", ".join(f"{n}={h}:{p}" for n, (h, p) in listeners)
     log.info("authgate serving %s, metrics on %s:%d, %d worker(s)", names, host, port, workers)

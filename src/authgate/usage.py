@@ -1,4 +1,8 @@
-"""Per-token request counts and last-used times, gathered in memory, written in batches."""
+"""Per-token request counts and last-used times, gathered in memory, written in batches.
+
+The hot path adds one to a dict entry; `last_used_at` is the time of the flush that wrote the
+count, so it is exact to within `usage_flush_interval` (default one second).
+"""
 
 from __future__ import annotations
 
@@ -16,23 +20,31 @@ Flush = Callable[[dict[str, tuple[int, float]]], Awaitable[None]]
 class UsageRecorder:
     def __init__(self) -> None:
         self._counts: dict[str, int] = {}
-        self._last: dict[str, float] = {}
+        self._restored: dict[str, tuple[int, float]] = {}  # put back by `restore`
 
     def note(self, token_id: str) -> None:
-        """The hot path's share: two dict updates, no I/O."""
-        self._counts[token_id] = self._counts.get(token_id, 0) + 1
-        self._last[token_id] = time.time()
+        """The hot path's share: one dict update, no I/O."""
+        counts = self._counts
+        counts[token_id] = counts.get(token_id, 0) + 1
 
     def drain(self) -> dict[str, tuple[int, float]]:
-        counts, last = self._counts, self._last
-        self._counts, self._last = {}, {}
-        return {k: (v, last[k]) for k, v in counts.items()}
+        """Counts since the last drain, each with its last-used time."""
+        counts, restored = self._counts, self._restored
+        self._counts, self._restored = {}, {}
+        now = time.time()
+        out: dict[str, tuple[int, float]] = {}
+        for token_id, count in counts.items():
+            old = restored.get(token_id)
+            # Only counts put back, no new use since: keep the time they were drained at.
+            out[token_id] = (count, old[1] if old is not None and old[0] == count else now)
+        return out
 
     def restore(self, batch: dict[str, tuple[int, float]]) -> None:
         """Put a batch that could not be written back, so counts are not lost."""
         for token_id, (count, last) in batch.items():
             self._counts[token_id] = self._counts.get(token_id, 0) + count
-            self._last[token_id] = max(last, self._last.get(token_id, 0.0))
+            prev_count, prev_last = self._restored.get(token_id, (0, 0.0))
+            self._restored[token_id] = (prev_count + count, max(last, prev_last))
 
     async def run(self, flush: Flush, interval: float) -> None:
         """Flush every `interval` seconds until cancelled (then flush once more)."""
@@ -53,4 +65,4 @@ class UsageRecorder:
             self.restore(batch)
             if len(self._counts) > 1_000_000:  # pragma: no cover - a very long outage
                 self._counts.clear()
-                self._last.clear()
+                self._restored.clear()

@@ -1,0 +1,269 @@
+"""Soak: bounded load with token churn against a real authgate and Valkey on loopback.
+
+    make soak                      # ten minutes
+    SOAK_SECONDS=120 make soak     # shorter
+    SOAK_RATE=1500 SOAK_WORKERS=2  # requests per second in all, authgate worker processes
+
+While a steady load asks about live, rotated, revoked, deleted and unknown tokens, a churn
+loop creates a token four times a second, rotates or revokes the oldest live ones and deletes
+retired ones. Every answer is judged (an allow for a revoked, expired or deleted token more
+than 100 ms after the change is a wrong decision). RSS and open file descriptors of the
+authgate processes are sampled; after a warm-up, RSS must grow by less than 5 % and the
+descriptor count must not grow. Prints a table and a summary, writes soak-results.json,
+and exits 1 if any check fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.cluster_harness import (  # noqa: E402
+    Load,
+    Probe,
+    open_fds,
+    proc_children,
+    rss_kib,
+    start_node,
+    unknown_token,
+)
+from tests.conftest import base_env, start_authgate  # noqa: E402
+
+from authgate.backend import connect  # noqa: E402
+from authgate.config import load_settings  # noqa: E402
+from authgate.store import TokenStore  # noqa: E402
+
+SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
+RATE = float(os.environ.get("SOAK_RATE", "1500"))
+WORKERS = int(os.environ.get("SOAK_WORKERS", "2"))
+SAMPLE_EVERY = min(20.0, max(2.0, SECONDS / 30))
+WARMUP = min(120.0, max(10.0, SECONDS * 0.2))
+LIVE = 60  # tokens in use at any time
+GRACE = 2.0  # rotation grace period
+RETIRE_AFTER = 8.0  # seconds a rotated or revoked token is still asked about, then deleted
+MAX_RSS_GROWTH = 0.05
+
+
+@dataclass
+class Token:
+    probe: Probe
+    token_id: str
+    state: str = "live"  # live | rotated | revoked | deleted
+    since: float = 0.0  # when the state began
+    grace_end: float = 0.0
+
+
+@dataclass
+class Churn:
+    store: TokenStore
+    load: Load
+    tokens: dict[str, Token] = field(default_factory=dict)  # by probe name
+    made: int = 0
+    rotated: int = 0
+    revoked: int = 0
+    deleted: int = 0
+    errors: int = 0
+
+    async def create(self) -> Token:
+        token, view = await self.store.create(
+            {"name": "soak", "org": "acme", "project": "tunes", "key_type": "rw-"}, "soak"
+        )
+        self.made += 1
+        item = Token(Probe(f"t{self.made}", token), view["id"])
+        self.tokens[item.probe.name] = item
+        self.load.probes.append(item.probe)
+        return item
+
+    async def step(self, rng: random.Random) -> None:
+        await self.create()
+        live = [t for t in self.tokens.values() if t.state == "live"]
+        if len(live) > LIVE:
+            oldest = live[0]
+            if rng.random() < 0.5:
+                token, view = await self.store.rotate(oldest.token_id, GRACE, "soak")
+                self.made += 1
+                fresh = Token(Probe(f"t{self.made}", token), view["id"])
+                self.tokens[fresh.probe.name] = fresh
+                self.load.probes.append(fresh.probe)
+                oldest.state, oldest.grace_end = "rotated", time.monotonic() + GRACE
+                self.rotated += 1
+            else:
+                await self.store.revoke(oldest.token_id, "soak")
+                oldest.state = "revoked"
+                self.revoked += 1
+            oldest.since = time.monotonic()
+        now = time.monotonic()
+        for item in list(self.tokens.values()):
+            if item.state in ("rotated", "revoked") and now - item.since > RETIRE_AFTER:
+                await self.store.delete(item.token_id, "soak")
+                item.state, item.since = "deleted", time.monotonic()
+                self.deleted += 1
+            elif item.state == "deleted" and now - item.since > RETIRE_AFTER:
+                self.load.probes.remove(item.probe)
+                del self.tokens[item.probe.name]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        rng = random.Random(7)  # noqa: S311 - which token to rotate, not a secret
+        while not stop.is_set():
+            try:
+                await self.step(rng)
+            except Exception as exc:  # report, keep soaking
+                self.errors += 1
+                print(f"churn error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            try:
+                await asyncio.wait_for(stop.wait(), 0.25)
+            except TimeoutError:
+                pass
+
+    def judge(self, probe: Probe, status: int, sent: float) -> bool:
+        """True when the answer is a wrong decision (or a client-visible error)."""
+        if status == 0 or (status >= 500 and status != 503):
+            return True
+        if probe.name.startswith("unknown"):
+            return status == 200
+        item = self.tokens.get(probe.name)
+        if item is None:  # retired while the request was in flight
+            return status == 200
+        if item.state == "live":
+            return status not in (200, 503)
+        changed = item.grace_end if item.state == "rotated" else item.since
+        return status == 200 and sent > changed + 0.1
+
+
+def authgate_pids(parent: int) -> list[int]:
+    return [parent, *proc_children(parent)]
+
+
+def sample(pids: list[int]) -> tuple[list[int], int]:
+    """RSS (KiB) of each process, and their open descriptors in all."""
+    rss, fds = [], 0
+    for pid in pids:
+        try:
+            rss.append(rss_kib(pid))
+            fds += open_fds(pid)
+        except FileNotFoundError:
+            rss.append(0)
+    return rss, fds
+
+
+async def soak() -> int:
+    node = start_node()
+    env = base_env(
+        node.url,
+        AUTHGATE_WORKERS=str(WORKERS),
+        AUTHGATE_USAGE_FLUSH_INTERVAL="1s",
+    )
+    ag = start_authgate(env, workers=WORKERS)
+    settings = load_settings(env)
+    client = connect(settings.redis_url, 2.0)
+    store = TokenStore(client, settings)
+    unknown = [Probe(f"unknown{i}", unknown_token()) for i in range(200)]
+    load = Load(ag.port, [*unknown], concurrency=16, rate=RATE, keep=False)
+    churn = Churn(store, load)
+    load.judge = churn.judge
+    stop = asyncio.Event()
+    rows: list[dict[str, Any]] = []
+    try:
+        for _ in range(LIVE):
+            await churn.create()
+        load.probes.append(Probe("unknown-fresh", "", fresh=True))
+        tasks = [
+            asyncio.ensure_future(load.run_until(stop)),
+            asyncio.ensure_future(churn.run(stop)),
+        ]
+        started = time.monotonic()
+        last_total, last_at = 0, started
+        print(f"soak: {SECONDS:.0f} s at {RATE:.0f} req/s, {WORKERS} worker(s), ", end="")
+        print(f"warm-up {WARMUP:.0f} s")
+        print(
+            f"{'t (s)':>7} {'req/s':>7} {'RSS MiB':>8} {'fds':>5} {'valkey MiB':>10} {'wrong':>5}"
+        )
+        while time.monotonic() - started < SECONDS:
+            await asyncio.sleep(SAMPLE_EVERY)
+            now = time.monotonic()
+            each, fds = sample(authgate_pids(ag.proc.pid))
+            rss = sum(each)
+            info = await client.info("memory")
+            row = {
+                "t": round(now - started, 1),
+                "rps": round((load.total - last_total) / (now - last_at)),
+                "rss_kib": rss,
+                "rss_kib_each": each,
+                "fds": fds,
+                "valkey_kib": int(info["used_memory"]) // 1024,
+                "wrong": load.wrong_count,
+            }
+            last_total, last_at = load.total, now
+            rows.append(row)
+            print(
+                f"{row['t']:>7.0f} {row['rps']:>7} {rss / 1024:>8.1f} {fds:>5} "
+                f"{row['valkey_kib'] / 1024:>10.1f} {row['wrong']:>5}"
+            )
+        stop.set()
+        await asyncio.gather(*tasks)
+    finally:
+        stop.set()
+        await client.aclose()
+        ag.stop()
+        node.stop()
+
+    steady = [r for r in rows if r["t"] >= WARMUP] or rows[-1:]
+    head = steady[: max(1, len(steady) // 5)]
+    tail = steady[-max(1, len(steady) // 5) :]
+    rss_start = statistics.median(r["rss_kib"] for r in head)
+    rss_end = statistics.median(r["rss_kib"] for r in tail)
+    growth = (rss_end - rss_start) / rss_start
+    fds_start = max(r["fds"] for r in head)
+    fds_end = tail[-1]["fds"]
+    log = ag.log()
+    leaked = sum(1 for t in churn.tokens.values() if t.probe.token in log)
+    checks = {
+        f"RSS growth after warm-up {growth * 100:+.2f} % (< {MAX_RSS_GROWTH * 100:.0f} %)": (
+            growth < MAX_RSS_GROWTH
+        ),
+        f"open fds {fds_start} -> {fds_end} (no growth)": fds_end <= fds_start,
+        f"wrong decisions or errors: {load.wrong_count}": load.wrong_count == 0,
+        f"connect errors: {load.connect_errors}": load.connect_errors == 0,
+        f"churn errors: {churn.errors}": churn.errors == 0,
+        f"token values in the authgate log: {leaked}": leaked == 0 and "Traceback" not in log,
+    }
+    statuses = ", ".join(f"{k}: {v}" for k, v in sorted(load.statuses.items()))
+    print(
+        f"\n{load.total} answers ({statuses}); tokens created {churn.made}, rotated "
+        f"{churn.rotated}, revoked {churn.revoked}, deleted {churn.deleted}"
+    )
+    print(f"RSS (authgate, all processes) {rss_start / 1024:.1f} MiB -> {rss_end / 1024:.1f} MiB")
+    for text, ok in checks.items():
+        print(f"  {'ok  ' if ok else 'FAIL'} {text}")
+    if load.wrong:
+        print(f"  first wrong answers: {load.wrong[:5]}")
+    (ROOT / "soak-results.json").write_text(
+        json.dumps(
+            {
+                "seconds": SECONDS,
+                "rate": RATE,
+                "workers": WORKERS,
+                "samples": rows,
+                "rss_growth": growth,
+                "checks": {k: v for k, v in checks.items()},
+                "statuses": load.statuses,
+            },
+            indent=2,
+        )
+    )
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(soak()))

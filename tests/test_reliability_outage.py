@@ -1,0 +1,365 @@
+"""Redis outages seen by a real `authgate serve` over real sockets.
+
+A Valkey of the module's own (append-only, so a restart keeps its data) is killed,
+paused, slowed and restarted under authgate; every answer is judged against what the
+token really is. Wrong decisions, client-visible errors and token values in the log
+must all stay at zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.cluster_harness import (
+    TOKEN_PATTERN,
+    Blackhole,
+    Load,
+    Probe,
+    Result,
+    ValkeyNode,
+    ask,
+    create_tokens,
+    metric,
+    poll,
+    proc_children,
+    revoke,
+    start_node,
+    unknown_token,
+)
+from tests.conftest import AuthgateProcess, base_env, start_authgate
+
+TIMEOUT = 0.25  # AUTHGATE_REDIS_TIMEOUT's default
+ISSUED: list[str] = []  # every token value made here: none may reach a log
+
+
+def tokens(url: str, count: int = 1, **spec: object) -> list[tuple[str, str]]:
+    made = create_tokens(url, count, **spec)
+    ISSUED.extend(t for t, _ in made)
+    return made
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[ValkeyNode]:
+    server = start_node()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def node_back_up(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Whatever a test did to the module's Valkey, the next one finds it answering."""
+    yield
+    if "node" in request.fixturenames:
+        server: ValkeyNode = request.getfixturevalue("node")
+        server.resume()
+        if not server.running:
+            server.start()
+
+
+@pytest.fixture(scope="module")
+def gate(node: ValkeyNode) -> Iterator[AuthgateProcess]:
+    ag = start_authgate(base_env(node.url))
+    yield ag
+    ag.stop()
+    assert_no_tokens_in(ag.log())
+
+
+def assert_no_tokens_in(text: str) -> None:
+    assert not [t for t in ISSUED if t in text]
+    assert not re.findall(TOKEN_PATTERN, text)
+
+
+def wait_ready(ag: AuthgateProcess, ready: bool = True) -> float:
+    want = 200 if ready else 503
+    return poll(
+        f"/readyz == {want}", lambda: httpx.get(f"{ag.url}/readyz", timeout=5).status_code == want
+    )
+
+
+def test_outage_serves_cached_tokens_and_refuses_unknown_ones(
+    node: ValkeyNode, gate: AuthgateProcess
+) -> None:
+    """While Redis is down, cached tokens keep their decision, unknown ones get 503.
+
+    Malformed and missing tokens are still judged (no Redis needed), /healthz stays
+    up, /readyz fails, and the outage shows in authgate_redis_errors_total and
+    authgate_redis_up; once Redis is back, all of it recovers without a restart.
+    """
+    [(good, _), (gone, gone_id)] = tokens(node.url, 2)
+    revoke(node.url, gone_id)
+    assert ask(gate.url, good).status == 200
+    assert ask(gate.url, gone).code == "TOKEN_INVALID"
+    errors_before = metric(gate.metrics_url, "authgate_redis_errors_total")
+
+    node.kill()
+    for _ in range(5):
+        assert ask(gate.url, good).status == 200
+        assert ask(gate.url, gone).status == 404
+    stranger = unknown_token()
+    answer = ask(gate.url, stranger)
+    assert (answer.status, answer.code) == (503, "UNAVAILABLE")
+    assert answer.headers["x-authgate-status"] == "503"
+    direct = ask(gate.url, unknown_token(), nginx=False)
+    assert (direct.status, direct.code) == (503, "UNAVAILABLE")
+    assert ask(gate.url, "min_notatoken").code == "TOKEN_INVALID"
+    assert ask(gate.url, None).code == "TOKEN_MISSING"
+    assert httpx.get(f"{gate.url}/healthz").status_code == 200
+    wait_ready(gate, ready=False)
+    assert metric(gate.metrics_url, "authgate_redis_errors_total") > errors_before
+    assert metric(gate.metrics_url, "authgate_redis_up") == 0
+
+    node.start()
+    wait_ready(gate)
+    poll("unknown token judged again", lambda: ask(gate.url, stranger).status == 404)
+    assert ask(gate.url, good).status == 200
+    assert metric(gate.metrics_url, "authgate_redis_up") == 1
+
+
+def test_revocation_seen_before_an_outage_holds_through_it(
+    node: ValkeyNode, gate: AuthgateProcess
+) -> None:
+    """A token revoked (and seen revoked) before Redis fails stays denied during the outage."""
+    [(token, token_id)] = tokens(node.url)
+    assert ask(gate.url, token).status == 200
+    revoke(node.url, token_id)
+    took = poll("revocation enforced", lambda: ask(gate.url, token).status == 404)
+    assert took < 0.5
+    node.kill()
+    answers = {ask(gate.url, token).status for _ in range(20)}
+    assert answers == {404}
+
+
+def wait_subscribed(node: ValkeyNode, subscribers: int = 1) -> None:
+    """Wait until `subscribers` invalidation subscriptions are live on `node`."""
+
+    def live() -> bool:
+        with node.client() as c:
+            return int(c.pubsub_numsub("authgate:invalidate")[0][1]) >= subscribers
+
+    poll("invalidation subscribers", live)
+
+
+def _worker_pids(ag: AuthgateProcess) -> list[int]:
+    pids = proc_children(ag.proc.pid)
+    assert pids, "no worker process"
+    return pids
+
+
+def test_invalidations_missed_while_unsubscribed_are_flushed(
+    node: ValkeyNode, gate: AuthgateProcess
+) -> None:
+    """A revocation published while the subscription is down is not lost: reconnecting flushes.
+
+    The worker is frozen, its pub/sub connection is cut and the token revoked (nobody hears
+    the invalidation); once the worker runs again it must notice, re-subscribe and flush,
+    instead of serving the cached token until its TTL runs out.
+    """
+    [(token, token_id)] = tokens(node.url)
+    wait_subscribed(node)
+    assert ask(gate.url, token).status == 200
+    flushes = metric(gate.metrics_url, 'authgate_invalidations_total{kind="flush"')
+    workers = _worker_pids(gate)
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with node.client() as c:
+            assert c.client_kill_filter(_type="pubsub") >= 1
+        revoke(node.url, token_id)
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    took = poll("missed revocation enforced", lambda: ask(gate.url, token).status == 404, 5)
+    assert took < 3.0
+    poll(
+        "re-subscribed and flushed",
+        lambda: metric(gate.metrics_url, 'authgate_invalidations_total{kind="flush"') > flushes,
+    )
+
+
+def test_paused_redis_does_not_stall_decisions(node: ValkeyNode, gate: AuthgateProcess) -> None:
+    """A Redis that holds its connections open and never answers costs at most the timeout.
+
+    Cached tokens answer at cache speed, unknown ones get 503 after about
+    AUTHGATE_REDIS_TIMEOUT, and /healthz never waits behind them.
+    """
+    [(good, _)] = tokens(node.url)
+    assert ask(gate.url, good).status == 200
+    node.pause()
+
+    async def run() -> tuple[list[float], list[tuple[int, float]]]:
+        async with httpx.AsyncClient(base_url=gate.url, timeout=10) as client:
+
+            async def health() -> float:
+                started = time.monotonic()
+                r = await client.get("/healthz")
+                assert r.status_code == 200
+                return time.monotonic() - started
+
+            async def stranger() -> tuple[int, float]:
+                token = unknown_token()
+                started = time.monotonic()
+                r = await client.get(
+                    "/auth",
+                    headers={"X-Forwarded-Uri": f"/x?pwt={token}", "X-Power-Token": token},
+                )
+                return r.status_code, time.monotonic() - started
+
+            pending = [asyncio.ensure_future(stranger()) for _ in range(40)]
+            healths = []
+            for _ in range(10):
+                healths.append(await health())
+            return healths, list(await asyncio.gather(*pending))
+
+    healths, strangers = asyncio.run(run())
+    assert {s for s, _ in strangers} == {503}
+    assert max(t for _, t in strangers) < TIMEOUT + 0.5
+    assert max(healths) < 0.1
+    cached = [ask(gate.url, good) for _ in range(5)]
+    assert {a.status for a in cached} == {200}
+    assert max(a.seconds for a in cached) < 0.1
+
+
+def test_blackholed_redis_answers_503_within_the_timeout() -> None:
+    """Pointed at a socket that accepts and never answers, authgate starts, is alive but
+    not ready, and answers unknown tokens 503 within the Redis timeout."""
+    hole = Blackhole()
+    ag = start_authgate(base_env(hole.url), wait_ready=False)
+    try:
+        started = time.monotonic()
+        assert httpx.get(f"{ag.url}/readyz", timeout=5).status_code == 503
+        assert time.monotonic() - started < TIMEOUT + 0.5
+        for _ in range(5):
+            answer = ask(ag.url, unknown_token())
+            assert (answer.status, answer.code) == (503, "UNAVAILABLE")
+            assert answer.seconds < TIMEOUT + 0.5
+        assert ask(ag.url, "min_notatoken").code == "TOKEN_INVALID"
+        assert metric(ag.metrics_url, "authgate_redis_errors_total") >= 5
+    finally:
+        ag.stop()
+        hole.close()
+    assert "Traceback" not in ag.log()
+
+
+def test_stale_window_is_bounded(node: ValkeyNode) -> None:
+    """Cached decisions outlive the start of an outage by AUTHGATE_STALE_WINDOW, not longer."""
+    ttl, stale = 0.2, 1.0
+    ag = start_authgate(
+        base_env(node.url, AUTHGATE_CACHE_TTL=f"{ttl}s", AUTHGATE_STALE_WINDOW=f"{stale}s")
+    )
+    try:
+        [(good, _)] = tokens(node.url)
+        assert ask(ag.url, good).status == 200
+        node.kill()
+        killed = time.monotonic()
+        assert ask(ag.url, good).status == 200
+        poll("stale entry expired", lambda: ask(ag.url, good).status == 503, 10)
+        lasted = time.monotonic() - killed
+        assert stale * 0.5 < lasted < ttl + stale + 0.5
+    finally:
+        ag.stop()
+    assert_no_tokens_in(ag.log())
+
+
+def _debug_sleep(node: ValkeyNode, seconds: float) -> None:
+    with node.client(timeout=seconds + 5) as c:
+        c.execute_command("DEBUG", "SLEEP", seconds)
+
+
+def test_faults_under_load_make_no_wrong_decision(node: ValkeyNode, gate: AuthgateProcess) -> None:
+    """Under steady load: Redis slowed past the timeout, a revocation, a kill and restart,
+    and a pause. Every answer is judged: no allow for revoked or unknown tokens, no deny
+    other than 503 for good ones, a revocation enforced within 100 ms, no 5xx but 503,
+    no dropped connection, /healthz always quick, and no token in the log."""
+    good = tokens(node.url, 3)
+    [(revoked, revoked_id), (churn, churn_id)] = tokens(node.url, 2)
+    revoke(node.url, revoked_id)
+    stranger = unknown_token()
+    probes = [
+        *(Probe(f"good{i}", t) for i, (t, _) in enumerate(good)),
+        Probe("revoked", revoked),
+        Probe("unknown", stranger),
+        Probe("stranger", "", fresh=True),
+        Probe("malformed", "min_0000"),
+        Probe("churn", churn),
+        Probe("healthz", "", target="/healthz"),
+    ]
+    for p in probes[:-1]:
+        ask(gate.url, p.token)
+    load = Load(gate.port, probes, concurrency=16, rate=1500)
+    marks: dict[str, float] = {}
+
+    async def progress(answers: int) -> None:
+        """Let the load make `answers` more answers (the clock of this choreography)."""
+        target = load.total + answers
+        while load.total < target:
+            await asyncio.sleep(0.01)
+
+    async def faults(done: asyncio.Event) -> None:
+        try:
+            await progress(300)
+            await asyncio.to_thread(_debug_sleep, node, 0.6)  # slower than the timeout
+            await asyncio.to_thread(_debug_sleep, node, 0.1)  # slow, within the timeout
+            await progress(100)
+            await asyncio.to_thread(revoke, node.url, churn_id)
+            marks["revoked"] = time.monotonic()
+            await progress(200)
+            node.kill()
+            marks["killed"] = time.monotonic()
+            await progress(600)
+            await asyncio.to_thread(node.start)
+            await asyncio.to_thread(wait_ready, gate)
+            marks["restarted"] = time.monotonic()
+            await progress(300)
+            node.pause()
+            await progress(600)
+            node.resume()
+            await progress(300)
+        finally:
+            node.resume()
+            done.set()
+
+    async def run() -> None:
+        done = asyncio.Event()
+        await asyncio.gather(load.run_until(done), faults(done))
+
+    asyncio.run(run())
+
+    def wrong(r: Result) -> bool:
+        status, name, sent = r.status, r.probe, r.sent
+        if name == "healthz":
+            return status != 200
+        if name.startswith("good"):
+            return status not in (200, 503)
+        if name in ("revoked", "unknown", "stranger"):
+            return status not in (404, 503)
+        if name == "malformed":
+            return status != 404
+        if name == "churn":
+            if sent > marks["revoked"] + 0.1:
+                return status not in (404, 503)
+            return status not in (200, 404, 503)
+        raise AssertionError(name)
+
+    bad = [r for r in load.results if wrong(r)]
+    errors = [r for r in load.results if r.status == 0 or (r.status >= 500 and r.status != 503)]
+    unavailable = sum(1 for r in load.results if r.status == 503)
+    health = sorted(r.done - r.sent for r in load.of("healthz"))
+    summary = (
+        f"{load.total} answers, {unavailable} x 503, {len(bad)} wrong, {len(errors)} errors, "
+        f"{load.connect_errors} connect errors, /healthz max {health[-1] * 1000:.1f} ms"
+    )
+    print(summary)
+    assert not bad, f"{summary}; first: {bad[:5]}"
+    assert not errors and not load.connect_errors, summary
+    assert health[int(len(health) * 0.99)] < 0.1, summary
+    assert unavailable > 0, "the faults never reached authgate: the test proves nothing"
+    assert {r.status for r in load.of("good0")} >= {200}
+    assert_no_tokens_in(gate.log())
