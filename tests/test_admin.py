@@ -794,6 +794,7 @@ def test_openapi_is_served_without_a_token(ag: AuthgateProcess) -> None:
 def test_openapi_document_validates() -> None:
     """The document is valid OpenAPI 3.1 (openapi-spec-validator)."""
     import openapi_spec_validator as validator
+
     validator.validate(DOC)
 
 

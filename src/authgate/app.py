@@ -77,6 +77,7 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError, BackendUnavailable):
                 await task
         self._tasks = []
+        self.metrics.flush()  # counts of the last few ms reach /metrics too
         with contextlib.suppress(Exception):
             await self.redis.aclose()
         if self.invalidator is not None:

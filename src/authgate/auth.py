@@ -26,7 +26,7 @@ from .metrics import Metrics
 from .model import Entry, ip_allowed, iso
 from .paths import BadPath, encode, normalise, query_pairs, split_uri
 from .store import TokenStore
-from .tokens import digest, is_well_formed
+from .tokens import Hasher, is_well_formed
 from .usage import UsageRecorder
 
 log = logging.getLogger("authgate")
@@ -94,10 +94,13 @@ class Authorizer:
         self.max_token = settings.max_token_length
         self.routes = RouteTable(settings.routes)
         self._both = settings.token_mode == "both"
-        self._pepper = settings.pepper.reveal()
+        self._hash = Hasher(settings.pepper.reveal()).digest
         self._cache_counts = metrics.cache_counts
-        # One Redis GET per token however many requests carry it at once.
+        # Cache misses: one Redis GET per token however many requests carry it at once, and
+        # one round trip for all the misses of an event-loop turn.
         self._loading: dict[bytes, asyncio.Future[Entry | BackendUnavailable | None]] = {}
+        self._queued: list[bytes] = []
+        self._reads: set[asyncio.Future[None]] = set()
 
     # -- checks 1-4: the token itself --------------------------------------------------------
     def pick_token(self, req: AuthRequest) -> str | Decision:
@@ -133,7 +136,7 @@ class Authorizer:
     # -- check 5: find it ---------------------------------------------------------------------
     async def lookup(self, token: str) -> Entry | Decision | None:
         """The token's entry (None when unknown), from the cache or one Redis GET."""
-        key = digest(self._pepper, token)
+        key = self._hash(token)
         now = time.monotonic()
         state, entry = self.cache.get(key, now)
         self._cache_counts[state] += 1
@@ -141,7 +144,7 @@ class Authorizer:
             return entry
         if state == "negative":
             return None
-        loaded = await self._load(key, now)
+        loaded = await self._load(key)
         if isinstance(loaded, BackendUnavailable):
             if state == "stale":
                 return entry  # bounded by stale_window; invalidations still drop it
@@ -149,36 +152,58 @@ class Authorizer:
             return deny("UNAVAILABLE", 12)
         return loaded
 
-    async def _load(self, key: bytes, now: float) -> Entry | BackendUnavailable | None:
-        pending = self._loading.get(key)
-        if pending is not None:  # the same token is being read already: share its answer
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Entry | BackendUnavailable | None]
-        future = asyncio.get_running_loop().create_future()
-        self._loading[key] = future
-        result: Entry | BackendUnavailable | None = BackendUnavailable("lookup did not finish")
-        try:
-            result = await self._read(key, now)
-        finally:
-            del self._loading[key]
-            future.set_result(result)
-        return result
+    async def _load(self, key: bytes) -> Entry | BackendUnavailable | None:
+        """The token's record, from the next batched read: the misses of one event-loop
+        turn share one Redis round trip, and a token already being read is not read again."""
+        future = self._loading.get(key)
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = self._loading[key] = loop.create_future()
+            self._queued.append(key)
+            if len(self._queued) == 1:
+                loop.call_soon(self._start_read)
+        return await asyncio.shield(future)
 
-    async def _read(self, key: bytes, now: float) -> Entry | BackendUnavailable | None:
+    def _start_read(self) -> None:
+        keys, self._queued = self._queued, []
+        task = asyncio.ensure_future(self._read(keys))
+        self._reads.add(task)  # a reference until it is done
+        task.add_done_callback(self._reads.discard)
+
+    async def _read(self, keys: list[bytes]) -> None:
         generation = self.cache.generation
+        now = time.monotonic()
         started = time.perf_counter()
+        results: list[Entry | BackendUnavailable | None] = []
         try:
-            record = await self.store.record_by_hash(key.hex())
+            records = await self.store.records_by_hash([k.hex() for k in keys])
         except BackendUnavailable as exc:
             self.metrics.redis_failed()
-            return exc
-        self.metrics.redis_call(time.perf_counter() - started)
+            results = [exc] * len(keys)
+        else:
+            self.metrics.redis_call(time.perf_counter() - started)
+            for key, record in zip(keys, records, strict=True):
+                results.append(self._compile(key, record, now, generation))
+        finally:
+            lost = BackendUnavailable("lookup did not finish")
+            for i, key in enumerate(keys):
+                future = self._loading.pop(key)
+                if not future.done():
+                    future.set_result(results[i] if i < len(results) else lost)
+
+    def _compile(
+        self, key: bytes, record: Any, now: float, generation: int
+    ) -> Entry | BackendUnavailable | None:
         if record is None:
             self.cache.put_negative(key, now, generation)
             return None
-        fresh = Entry.from_record(record)
-        self.cache.put(key, fresh, now, generation)
-        return fresh
+        try:
+            entry = Entry.from_record(record)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            log.error("token record %s… is malformed (%s)", key.hex()[:12], type(exc).__name__)
+            return BackendUnavailable("malformed token record")
+        self.cache.put(key, entry, now, generation)
+        return entry
 
     # -- checks 6-11: what this token may do here --------------------------------------------
     def authorize(self, entry: Entry, req: AuthRequest, now: float) -> Decision:
@@ -226,7 +251,7 @@ class Authorizer:
         token = self.candidate(req)
         if isinstance(token, Decision):
             return token
-        entry = self.cache.fresh(digest(self._pepper, token), time.monotonic())
+        entry = self.cache.fresh(self._hash(token), time.monotonic())
         if entry is None:
             return None
         self._cache_counts["fresh"] += 1
@@ -270,7 +295,20 @@ class RouteTable:
             compiled = re.compile(pattern + r"(?:/|\Z)")
             self._routes.append((route, head, compiled, tuple(names)))
 
+        self._seen: dict[str, tuple[Route | None, dict[str, str]]] = {}
+
     def match(self, path: str) -> tuple[Route | None, dict[str, str]]:
+        """The first route whose prefix `path` starts with, and the placeholders it bound.
+        Results are remembered for recent paths: treat the dict as read-only."""
+        found = self._seen.get(path)
+        if found is None:
+            found = self._match(path)
+            if len(self._seen) >= 4096:
+                self._seen.clear()
+            self._seen[path] = found
+        return found
+
+    def _match(self, path: str) -> tuple[Route | None, dict[str, str]]:
         for route, head, pattern, names in self._routes:
             if path.startswith(head):
                 m = pattern.match(path)
@@ -438,35 +476,27 @@ class DataPlane:
             npath = normalise(raw_path)
         except BadPath as exc:
             raise BadRequest(str(exc)) from None
-        req = AuthRequest(method, npath, query, self.client_ip(scope, seen), {}, fold)
-        if query:
-            req.pairs = query_pairs(query)
-        candidates = req.candidates
+        pairs = query_pairs(query) if query else []
+        candidates: dict[str, list[str]] = {}
         for name, label in self.header_sources.items():
             values = seen.get(name)
             if values:
-                candidates[label] = [v.decode("latin-1").strip() for v in values]
+                _keep(candidates, label, [v.decode("latin-1").strip() for v in values])
         if self.bearer:
             auth = seen.get(b"authorization")
             if auth:
                 bearer = [
                     v[7:].decode("latin-1").strip() for v in auth if v[:7].lower() == b"bearer "
                 ]
-                if bearer:
-                    candidates["bearer"] = bearer
-        if self.query_sources and req.pairs:
-            for key, value, _ in req.pairs:
+                _keep(candidates, "bearer", bearer)
+        if pairs and self.query_sources:
+            for key, value, _ in pairs:
                 qlabel = self.query_sources.get(key)
-                if qlabel is not None:
-                    candidates.setdefault(qlabel, []).append(value.strip())
-        for clabel, found in list(candidates.items()):
-            if "" in found:
-                kept = [v for v in found if v]
-                if kept:
-                    candidates[clabel] = kept
-                else:
-                    del candidates[clabel]
-        return req
+                if qlabel is not None and (value := value.strip()):
+                    candidates.setdefault(qlabel, []).append(value)
+        return AuthRequest(
+            method, npath, query, self.client_ip(scope, seen), candidates, fold, pairs
+        )
 
     @staticmethod
     def original_uri(seen: dict[bytes, list[bytes]], scope: Scope) -> str:
@@ -555,6 +585,14 @@ _WANTED = frozenset(
         b"method",
     }
 )
+
+
+def _keep(candidates: dict[str, list[str]], label: str, values: list[str]) -> None:
+    """Record a source's values; empty ones do not count as a token."""
+    if "" in values:
+        values = [v for v in values if v]
+    if values:
+        candidates[label] = values
 
 
 def _nginx_only(seen: dict[bytes, list[bytes]]) -> bytes | None:

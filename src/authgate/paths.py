@@ -48,6 +48,15 @@ def _decode(raw: bytes) -> bytes:
 
 def normalise(raw_path: str | bytes) -> str:
     """nginx's `$uri` for a raw (still percent-encoded) path without its query."""
+    if (
+        isinstance(raw_path, str)
+        and raw_path.startswith("/")
+        and raw_path.isascii()
+        and "%" not in raw_path
+        and "//" not in raw_path
+        and "/." not in raw_path
+    ):
+        return raw_path  # the common case, without the bytes round trip below
     raw = raw_path.encode("latin-1") if isinstance(raw_path, str) else raw_path
     if not raw.startswith(b"/"):
         raise BadPath("path must start with '/'")

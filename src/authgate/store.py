@@ -45,6 +45,21 @@ class TokenStore:
             raw = await self.redis.get(self._th + digest)
         return None if raw is None else orjson.loads(raw)
 
+    async def records_by_hash(self, digests: list[str]) -> list[Any]:
+        """Several records in one round trip: a GET each, pipelined (no multi-key command,
+        so a Cluster routes each to its slot). None for an unknown hash; False for a stored
+        record that is not JSON, which the caller refuses like any unreadable record."""
+        if len(digests) == 1:
+            async with mapped_errors():
+                raws = [await self.redis.get(self._th + digests[0])]
+        else:
+            async with mapped_errors():
+                pipe = self.redis.pipeline(transaction=False)
+                for digest in digests:
+                    pipe.get(self._th + digest)
+                raws = await pipe.execute()
+        return [None if raw is None else _loads(raw) for raw in raws]
+
     # -- lifecycle --------------------------------------------------------------------------
     async def create(self, spec: dict[str, Any], actor: str) -> tuple[str, dict[str, Any]]:
         """Validate, store, audit. Returns (token value shown once, public view)."""
@@ -255,6 +270,13 @@ class TokenStore:
     async def _publish(self, digest: str) -> None:
         async with mapped_errors():
             await self.redis.publish(self.channel, digest)
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False  # not None (unknown): a stored record that cannot be read
 
 
 def _iso_from_text(ts: str) -> str | None:

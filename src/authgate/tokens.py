@@ -5,6 +5,7 @@ Only `hash_token` output is ever stored; the value itself is shown once.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 import time
@@ -52,14 +53,36 @@ def display_prefix(token: str, prefix: str) -> str:
     return token[: len(prefix) + DISPLAY_RANDOM]
 
 
-def digest(pepper: bytes, token: str) -> bytes:
-    """HMAC-SHA256 of the token under the server-side pepper (one C call: the hot path's)."""
-    return hmac.digest(pepper, token.encode(), "sha256")
-
-
 def hash_token(pepper: bytes, token: str) -> str:
     """HMAC-SHA256 of the token under the server-side pepper, hex: what Redis keys carry."""
-    return digest(pepper, token).hex()
+    return hmac.digest(pepper, token.encode(), "sha256").hex()
+
+
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
+
+
+class Hasher:
+    """HMAC-SHA256 (RFC 2104) under one key, with the two padded key blocks hashed once.
+
+    `digest(token)` equals `hmac.digest(pepper, token, "sha256")` at half its cost: the
+    hot path hashes every token it sees.
+    """
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, pepper: bytes) -> None:
+        key = hashlib.sha256(pepper).digest() if len(pepper) > 64 else pepper
+        key = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(key.translate(_IPAD))
+        self._outer = hashlib.sha256(key.translate(_OPAD))
+
+    def digest(self, token: str) -> bytes:
+        inner = self._inner.copy()
+        inner.update(token.encode())
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
 
 def new_id(now: float | None = None) -> str:
