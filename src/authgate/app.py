@@ -111,7 +111,7 @@ class WorkerApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self.lifespan(receive, send)
+            await self.lifespan(scope, receive, send)
             return
         if self.admin is not None:
             server = scope.get("server")
@@ -120,7 +120,12 @@ class WorkerApp:
                 return
         await self.data_plane(scope, receive, send)
 
-    async def lifespan(self, receive: Receive, send: Send) -> None:
+    async def lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope.get("state")
+        if state is not None:  # how `fasthttp` finds the data plane and the admin port
+            from .fasthttp import STATE_KEY
+
+            state[STATE_KEY] = (self.data_plane, self.admin_port)
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":

@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 
 MAX_HEADER_VALUE = 8192
 
@@ -348,40 +349,64 @@ class DataPlane:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
+        answer = self.answer_now(scope)
+        if not isinstance(answer, tuple):
+            answer = await answer
+        status, headers, body = answer
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def answer_now(self, scope: Scope) -> Answer | Coroutine[Any, Any, Answer]:
+        """The answer to one request: (status, headers, body) when it is known without
+        waiting (a cache hit, a denial, /healthz), else a coroutine that makes it (a cache
+        miss, /readyz). `scope` needs the ASGI keys path, raw_path, query_string, method,
+        headers (lower-case names) and client. The ASGI entry above and the data-plane
+        HTTP server (`fasthttp`) both answer through this; every header list carries
+        Content-Length."""
         path: str = scope["path"]
         if path == "/auth" or path.startswith("/ext-authz/") or path == "/ext-authz":
-            await self.handle_auth(scope, send)
-        elif path == "/healthz":
-            await respond(send, 200, b'{"status":"ok"}')
-        elif path == "/readyz":
-            ok = await self.ready()
-            await respond(
-                send,
-                200 if ok else 503,
-                b'{"status":"ready"}' if ok else b'{"status":"redis unavailable"}',
-            )
-        else:
-            await respond(
-                send,
-                404,
-                b'{"error":{"code":"NOT_FOUND","message":"No such endpoint.","details":{}}}',
-            )
+            started = time.perf_counter()
+            req: AuthRequest | None = None
+            try:
+                req = self.parse(scope)
+                decision = self.authorizer.decide_cached(req)
+                if decision is None:
+                    return self._auth_later(scope, req, started)
+            except BadRequest as exc:
+                decision = deny("BAD_REQUEST", 0, reason=exc.reason)
+            except Exception as exc:  # every outcome must be a decision, never a 500 to nginx
+                log.error("unexpected %s while deciding; answering UNAVAILABLE", type(exc).__name__)
+                decision = deny("UNAVAILABLE", 12)
+            return self.auth_answer(scope, req, decision, started)
+        if path == "/healthz":
+            return json_answer(200, b'{"status":"ok"}')
+        if path == "/readyz":
+            return self._readyz()
+        return json_answer(
+            404, b'{"error":{"code":"NOT_FOUND","message":"No such endpoint.","details":{}}}'
+        )
 
-    async def handle_auth(self, scope: Scope, send: Send) -> None:
-        started = time.perf_counter()
-        req: AuthRequest | None = None
+    async def _readyz(self) -> Answer:
+        ok = await self.ready()
+        return json_answer(
+            200 if ok else 503, b'{"status":"ready"}' if ok else b'{"status":"redis unavailable"}'
+        )
+
+    async def _auth_later(self, scope: Scope, req: AuthRequest, started: float) -> Answer:
         try:
-            req = self.parse(scope)
-            decision = self.authorizer.decide_cached(req)
-            if decision is None:
-                decision = await self.authorizer.decide(req)
-        except BadRequest as exc:
-            decision = deny("BAD_REQUEST", 0, reason=exc.reason)
+            decision = await self.authorizer.decide(req)
         except Exception as exc:  # every outcome must be a decision, never a 500 to nginx
             log.error("unexpected %s while deciding; answering UNAVAILABLE", type(exc).__name__)
             decision = deny("UNAVAILABLE", 12)
+        return self.auth_answer(scope, req, decision, started)
+
+    def auth_answer(
+        self, scope: Scope, req: AuthRequest | None, decision: Decision, started: float
+    ) -> Answer:
+        """The response for a decision (counted in the metrics)."""
         fold = req.fold if req is not None else is_nginx(scope)
         entry = decision.entry
+        answer: Answer
         if decision.status == 200 and req is not None and entry is not None:
             clean = self.clean_query(req) if req.query else ""
             uri = encode(req.path) + ("?" + clean if clean else "")
@@ -393,8 +418,7 @@ class DataPlane:
                 (b"x-authgate-query", clean.encode("latin-1")),
                 (b"content-length", b"0"),
             ]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send(_EMPTY_BODY)
+            answer = (200, headers, b"")
         else:
             body = error_body(decision)
             if fold:
@@ -403,23 +427,24 @@ class DataPlane:
                     (b"x-authgate-error", body),
                     (b"content-length", b"0"),
                 ]
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": NGINX_FOLD[decision.status],
-                        "headers": headers,
-                    }
-                )
-                await send(_EMPTY_BODY)
+                answer = (NGINX_FOLD[decision.status], headers, b"")
             else:
-                await respond(send, decision.status, body)
+                answer = json_answer(decision.status, body)
         self.metrics.decided(decision.code, time.perf_counter() - started)
+        return answer
 
     def clean_query(self, req: AuthRequest) -> str:
         if not req.query:
             return ""
         names = self.authorizer.query_names
-        return "&".join(raw for key, _, raw in req.pairs if key not in names)
+        # The token never travels upstream, whatever other parameter it was also put in
+        # (`??pwt=`, `PWT=`, `x=pwt=…`): a pair that carries it is dropped too.
+        token = next((v for vs in req.candidates.values() for v in vs), "")
+        return "&".join(
+            raw
+            for key, value, raw in req.pairs
+            if key not in names and not (token and (token in raw or token in key + value))
+        )
 
     def parse(self, scope: Scope) -> AuthRequest:
         """Read the dialect, original URI and method, client IP and token candidates."""
@@ -611,7 +636,6 @@ def _nginx_only(seen: dict[bytes, list[bytes]]) -> bytes | None:
 
 
 _OTHER_DIALECTS = (b"x-original-url", b"x-forwarded-uri", b"x-forwarded-method")
-_EMPTY_BODY: dict[str, Any] = {"type": "http.response.body", "body": b""}
 _BODIES: dict[str, bytes] = {}  # error bodies without details, made once per code
 
 
@@ -658,15 +682,9 @@ class BadRequest(Exception):
         self.reason = reason
 
 
-async def respond(send: Send, status: int, body: bytes) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
+def json_answer(status: int, body: bytes) -> Answer:
+    return (
+        status,
+        [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        body,
     )
-    await send({"type": "http.response.body", "body": body})

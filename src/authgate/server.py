@@ -1,8 +1,9 @@
 """`authgate serve`: bind the listeners, serve /metrics, and supervise uvicorn workers.
 
 The parent process binds every socket and serves `/metrics` from the prometheus
-multiprocess directory that all workers write to; each worker runs uvicorn (uvloop +
-httptools) on the shared sockets.
+multiprocess directory that all workers write to; each worker runs uvicorn (uvloop) on the
+shared sockets, with `fasthttp` serving the data-plane connections and uvicorn's httptools
+protocol the management API's.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ SERVER_OPTIONS: dict[str, Any] = {
     "proxy_headers": False,
     "backlog": 2048,
 }
+
+
+# The data plane is served by authgate's own HTTP/1.1 protocol, the management API by
+# uvicorn's httptools protocol (`fasthttp.HttpProtocol` picks one per connection).
+DATA_PLANE_HTTP = "authgate.fasthttp:HttpProtocol"
 
 
 def bind(name: str, address: tuple[str, int]) -> socket.socket:
@@ -93,7 +99,7 @@ def serve(settings: Settings, workers: int) -> None:
         workers=workers,
         lifespan="on",
         log_level=settings.log_level,
-        **SERVER_OPTIONS,
+        **{**SERVER_OPTIONS, "http": DATA_PLANE_HTTP},
     )
     names = ", ".join(f"{n}={h}:{p}" for n, (h, p) in listeners)
     log.info("authgate serving %s, metrics on %s:%d, %d worker(s)", names, host, port, workers)
