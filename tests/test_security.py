@@ -170,6 +170,31 @@ def test_forwarded_address_from_untrusted_peer_is_ignored(
     assert ask(gate.url, local, headers=spoof).code == "IP_NOT_ALLOWED"
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "?pwt={t}&pwt={t}",
+        "pwt={t}&PWT={t}",
+        "pwt={t}&x=pwt={t}",
+        "pwt%3D{t}&pwt={t}",
+        "pwt={t}&y={t}x",
+    ],
+    ids=["leading-question-mark", "other-case", "nested", "encoded-equals", "prefix-of-value"],
+)
+def test_token_never_forwarded_upstream_in_any_parameter(
+    node: ValkeyNode, gate: AuthgateProcess, query: str
+) -> None:
+    """The authorised URI handed to nginx for the upstream (X-Authgate-Uri, X-Authgate-Query)
+    carries no token value, whatever other parameter a client also put it in; the rest of
+    the query is kept."""
+    [(token, _)] = issue(node.url)
+    uri = f"{SCOPED}?keep=1&{query.format(t=token)}"
+    r = httpx.get(f"{gate.url}/auth", headers={"X-Original-URI": uri, "X-Power-Token": token})
+    assert r.status_code == 200
+    assert token not in r.headers["x-authgate-uri"] + r.headers["x-authgate-query"]
+    assert r.headers["x-authgate-query"].startswith("keep=1")
+
+
 # -- attributes ---------------------------------------------------------------------------------
 BAD_TEXT = [
     "a\r\nX-Injected: 1",

@@ -58,17 +58,34 @@ class TokenCache:
     def put(self, digest: bytes, entry: Entry, now: float, generation: int) -> None:
         if generation != self.generation:
             return  # invalidated while Redis was being asked: the answer may be stale
-        if len(self._entries) >= self.size and digest not in self._entries:
-            self._entries.pop(next(iter(self._entries)))
-        self._entries[digest] = (entry, now)
+        entries = self._entries
+        # Oldest first: a re-read moves to the end, and an expired entry at the front (a
+        # token nobody asked for since) is forgotten, so memory follows the tokens in use,
+        # not every token ever seen up to `size`.
+        entries.pop(digest, None)
+        for _ in range(2):
+            first = next(iter(entries), None)
+            if first is None or now - entries[first][1] < self.ttl + self.stale_window:
+                break
+            del entries[first]
+        if len(entries) >= self.size:
+            entries.pop(next(iter(entries)))
+        entries[digest] = (entry, now)
         self._negative.pop(digest, None)
 
     def put_negative(self, digest: bytes, now: float, generation: int) -> None:
         if generation != self.generation:
             return
-        if len(self._negative) >= self.negative_size and digest not in self._negative:
-            self._negative.pop(next(iter(self._negative)))
-        self._negative[digest] = now + self.negative_ttl
+        negative = self._negative
+        negative.pop(digest, None)
+        for _ in range(2):  # as in `put`: expired entries at the front are forgotten
+            first = next(iter(negative), None)
+            if first is None or negative[first] > now:
+                break
+            del negative[first]
+        if len(negative) >= self.negative_size:
+            negative.pop(next(iter(negative)))
+        negative[digest] = now + self.negative_ttl
 
     def invalidate(self, digest: bytes) -> None:
         self.generation += 1
