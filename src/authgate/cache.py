@@ -5,7 +5,7 @@ more, only while Redis is unreachable. Unknown hashes are remembered for `negati
 so a flood of the same bad token stays off Redis. Invalidation drops one hash (or all).
 
 Keys are the raw 32-byte HMAC digests (half the size of their hex form); a few hundred
-bytes per cached token in all (see docs/performance.md).
+bytes per cached token in all (see "Performance" in README.md).
 """
 
 from __future__ import annotations
