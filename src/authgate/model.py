@@ -19,6 +19,11 @@ from .errors import InvalidInput
 _T = TypeVar("_T")
 
 KEY_TYPES = ("r--", "-w-", "--d", "rw-", "r-d", "-wd", "rwd")
+# What a caller sets on a token; a rotation copies exactly these to the new token.
+ATTRIBUTES = (
+    "name", "description", "kind", "key_type", "roles", "org", "project", "space", "feature",
+    "user_id", "permissions", "ip_allowlist", "app_ids", "expires_at",
+)  # fmt: skip
 KINDS = ("query", "management")
 _IDENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+:\-]{0,127}$")
@@ -82,23 +87,7 @@ def _each(field: str, value: Any, pattern: re.Pattern[str], what: str) -> list[s
 
 def validate_spec(spec: Mapping[str, Any], *, now: float | None = None) -> dict[str, Any]:
     """Check every attribute a caller may set; return the clean values or raise InvalidInput."""
-    allowed = {
-        "name",
-        "description",
-        "kind",
-        "key_type",
-        "roles",
-        "org",
-        "project",
-        "space",
-        "feature",
-        "user_id",
-        "permissions",
-        "ip_allowlist",
-        "app_ids",
-        "expires_at",
-        "expires_in",
-    }
+    allowed = {*ATTRIBUTES, "expires_in"}
     unknown = sorted(set(spec) - allowed)
     if unknown:
         raise InvalidInput(unknown[0], "is not a token attribute")

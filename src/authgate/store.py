@@ -20,7 +20,7 @@ from . import tokens
 from .backend import mapped_errors
 from .config import Settings
 from .errors import InvalidInput, NotFound
-from .model import iso, public_view, status_of, validate_spec
+from .model import ATTRIBUTES, iso, public_view, status_of, validate_spec
 
 
 class TokenStore:
@@ -169,25 +169,7 @@ class TokenStore:
         old = await self._load(token_id)
         if status_of(old) != "active":
             raise InvalidInput("id", f"{token_id} is {status_of(old)} and cannot be rotated")
-        clean = {
-            k: old[k]
-            for k in (
-                "name",
-                "description",
-                "kind",
-                "key_type",
-                "roles",
-                "org",
-                "project",
-                "space",
-                "feature",
-                "user_id",
-                "permissions",
-                "ip_allowlist",
-                "app_ids",
-                "expires_at",
-            )
-        }
+        clean = {k: old[k] for k in ATTRIBUTES}
         token, new = self._new_record(clean, actor)
         new["rotated_from"] = token_id
         await self._insert(new)
