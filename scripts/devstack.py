@@ -51,25 +51,8 @@ PORTS = {
     "valkey": ("DEVSTACK_VALKEY_PORT", 6390),
 }
 
-# Routes for the demo: the default layout plus one route that needs a permission.
-AUTHGATE_CONFIG = """\
-[[routes]]
-class = "scoped"
-prefix = "/minimal/api/rest/v1/{org}/{project}"
-
-[[routes]]
-class = "system"
-prefix = "/minimal/api/system"
-
-[[routes]]
-class = "app"
-prefix = "/minimal/rest/apps/v1"
-
-[[routes]]
-class = "default"
-prefix = "/minimal/api/reports"
-permissions = ["read:reports"]
-"""
+# authgate routes for the example servers: the default layout plus a permission route.
+AUTHGATE_CONFIG = ROOT / "deploy" / "authgate-example.toml"
 
 # Shell variable -> (what it is, token create options). Printed as `export NAME=...`.
 TOKENS: dict[str, tuple[str, list[str]]] = {
@@ -206,7 +189,7 @@ def authgate_env(valkey_port: int) -> dict[str, str]:
         pepper.write_text(secrets.token_urlsafe(48) + "\n")
         pepper.chmod(0o600)
     config = RUN / "authgate.toml"
-    config.write_text(AUTHGATE_CONFIG)
+    config.write_text(AUTHGATE_CONFIG.read_text())
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHGATE_")}
     env.update(
         AUTHGATE_REDIS_URL=f"redis://127.0.0.1:{valkey_port}/0",

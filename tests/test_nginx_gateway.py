@@ -28,7 +28,7 @@ import pytest
 import redis
 
 from authgate.tokens import generate
-from tests.conftest import Valkey, base_env, free_port, run_cli, start_authgate
+from tests.conftest import ROOT, Valkey, base_env, free_port, run_cli, start_authgate
 from tests.echo_upstream import EchoUpstream
 from tests.nginx_harness import (
     NGINX_DIR,
@@ -48,24 +48,7 @@ APPS = "/minimal/rest/apps/v1/data"
 REPORTS = "/minimal/api/reports/q1"  # needs permission read:reports (CONFIG below)
 OTHER = "/minimal/api/status"  # no route: class default
 
-CONFIG = """\
-[[routes]]
-class = "scoped"
-prefix = "/minimal/api/rest/v1/{org}/{project}"
-
-[[routes]]
-class = "system"
-prefix = "/minimal/api/system"
-
-[[routes]]
-class = "app"
-prefix = "/minimal/rest/apps/v1"
-
-[[routes]]
-class = "default"
-prefix = "/minimal/api/reports"
-permissions = ["read:reports"]
-"""
+CONFIG = (ROOT / "deploy" / "authgate-example.toml").read_text()  # what make run uses
 
 TOKENS: dict[str, list[str]] = {
     "ro": ["--key-type", "r--", "--user-id", "u-1", "--roles", "viewer"],
