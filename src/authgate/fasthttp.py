@@ -189,6 +189,9 @@ class FastProtocol(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.write_paused = False
         self.read_paused = False
+        self.out: list[bytes] = []  # answers to write at the end of this event-loop turn
+        self.out_close = False  # close once `out` is written
+        self.flush_due = False
 
     # -- connection --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -211,11 +214,12 @@ class FastProtocol(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         self.queue.clear()
+        self.out.clear()
 
     def eof_received(self) -> bool | None:
         # The client will send nothing more: answer what is queued, then close.
         self.closing = True
-        if not self.queue and self.transport is not None:
+        if not self.queue and not self.out and self.transport is not None:
             self.transport.close()
         return True  # keep the write side open until then
 
@@ -242,7 +246,7 @@ class FastProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         """Graceful stop: finish the answers under way, read no further request."""
         self.closing = True
-        if not self.queue and self.transport is not None:
+        if not self.queue and not self.out and self.transport is not None:
             self.transport.close()
 
     def _idle_check(self) -> None:
@@ -251,7 +255,7 @@ class FastProtocol(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         remaining = self.last_active + self.keep_alive - self.loop.time()
-        if remaining <= 0 and not self.queue:
+        if remaining <= 0 and not self.queue and not self.out:
             transport.close()
             return
         self.timer = self.loop.call_later(max(remaining, 1.0), self._idle_check)
@@ -311,6 +315,7 @@ class FastProtocol(asyncio.Protocol):
         if (
             self.expect
             and not self.queue
+            and not self.out
             and self.transport is not None
             and self.parser.get_http_version() == "1.1"
         ):
@@ -385,14 +390,30 @@ class FastProtocol(asyncio.Protocol):
             return encode(_UNAVAILABLE_ANSWER, close)
 
     def _write(self, data: bytes, close: bool) -> None:
+        """Queue `data` for the end of this event-loop turn. The answers of every request
+        read in one turn then leave together: pipelined answers share a send, and the
+        client is woken once per turn rather than once per answer."""
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self.out_close:
             return
-        transport.write(data)
+        self.out.append(data)
         if close:
             self.queue.clear()
-            transport.close()
-        elif self.closing and not self.queue:
+            self.out_close = True
+        if not self.flush_due:
+            self.flush_due = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_due = False
+        transport = self.transport
+        out = self.out
+        if transport is None or transport.is_closing() or not out:
+            out.clear()
+            return
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+        if self.out_close or (self.closing and not self.queue):
             transport.close()  # a graceful stop or the client's EOF waited for this one
 
     def _fail(self, data: bytes) -> None:
