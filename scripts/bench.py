@@ -43,7 +43,7 @@ from authgate.store import TokenStore  # noqa: E402
 
 PEPPER = "bench-pepper-0123456789-abcdefghijklmnopqrstuvwxyz"
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
-PAIRS = 2  # limit and nginx+authgate runs, alternated
+PAIRS = 2  # runs of each compared scenario, alternated
 CONNECTIONS = 32
 ROUNDS = 20  # per lifecycle action, for the enforcement delay
 ROTATE_GRACE = 0.2  # seconds the rotated-out token keeps working in the rotation rounds
@@ -305,6 +305,23 @@ request = function()
   elseif m == 1 then tok = rnd(12)
   else tok = "%(prefix)s" .. rnd(38) end
   return wrk.format("GET", "%(path)s?pwt=" .. tok, {["X-Power-Token"] = tok})
+end
+"""
+
+PATHS_LUA = r"""
+-- What nginx's auth subrequest carries, with a different original path on every request
+-- (more paths than authgate remembers route matches for).
+local n = 0
+request = function()
+  n = n + 1
+  local uri = "%(path)s/" .. (n %% 100000) .. "?pwt=%(token)s&page=2"
+  return wrk.format("GET", "/auth", {
+    ["X-Original-URI"] = uri,
+    ["X-Original-Method"] = "GET",
+    ["X-Real-IP"] = "127.0.0.1",
+    ["X-Forwarded-For"] = "127.0.0.1",
+    ["X-Power-Token"] = "%(token)s",
+  })
 end
 """
 
@@ -701,12 +718,28 @@ def main() -> int:
             for k, v in calls_since(rc, before).items():
                 main_calls[k] = main_calls.get(k, 0) + v
         runs["nginx_limit"], runs["nginx_authgate"] = merge(limits), merge(gates)
-        runs["hello_direct"] = wrk.run(
-            f"http://127.0.0.1:{hello_port}/auth", {"app": hello.pid}, headers=nginx_headers(token)
-        )
-        runs["authgate_direct"] = wrk.run(
-            f"http://127.0.0.1:{ag_port}/auth", {"app": ag_worker}, headers=nginx_headers(token)
-        )
+        hellos, directs, varied = [], [], []
+        paths_lua = PATHS_LUA % {"path": PATH, "token": token}
+        for _ in range(PAIRS):  # alternated too
+            hellos.append(
+                wrk.run(
+                    f"http://127.0.0.1:{hello_port}/auth",
+                    {"app": hello.pid},
+                    headers=nginx_headers(token),
+                )
+            )
+            directs.append(
+                wrk.run(
+                    f"http://127.0.0.1:{ag_port}/auth",
+                    {"app": ag_worker},
+                    headers=nginx_headers(token),
+                )
+            )
+            varied.append(
+                wrk.run(f"http://127.0.0.1:{ag_port}/auth", {"app": ag_worker}, script=paths_lua)
+            )
+        runs["hello_direct"], runs["authgate_direct"] = merge(hellos), merge(directs)
+        runs["authgate_direct_paths"] = merge(varied)
         for name, r in runs.items():
             if r.non2xx:
                 raise RuntimeError(f"{name}: {r.non2xx} answers were not 2xx")
@@ -778,6 +811,9 @@ def main() -> int:
     results["targets"] = {
         "end_to_end_ratio": round(gate.rps / limit.rps, 3),
         "cpu_per_decision_vs_hello": round(runs["authgate_direct"].cpu_us["app"] / hello_cpu, 3),
+        "cpu_per_decision_new_paths_vs_hello": round(
+            runs["authgate_direct_paths"].cpu_us["app"] / hello_cpu, 3
+        ),
         "cpu_per_decision_behind_nginx_vs_hello": round(gate.cpu_us["app"] / hello_cpu, 3),
         "first_use_gets_for_32_concurrent": gets,
         "flood": {
@@ -834,6 +870,7 @@ def print_table(results: dict[str, Any]) -> None:
         "nginx_authgate": "nginx → authgate, cached valid token",
         "hello_direct": "raw ASGI hello world, direct",
         "authgate_direct": "authgate /auth, cached valid token, direct",
+        "authgate_direct_paths": "  the same, a new path on every request",
     }
     for name, label in labels.items():
         r = runs[name]
@@ -855,6 +892,12 @@ def print_table(results: dict[str, Any]) -> None:
             f"{t['cpu_per_decision_vs_hello']:.2f}",
             "≤ 1.5",
             t["cpu_per_decision_vs_hello"] <= 1.5,
+        ),
+        (
+            "  the same, a new path on every request",
+            f"{t['cpu_per_decision_new_paths_vs_hello']:.2f}",
+            "≤ 1.5",
+            t["cpu_per_decision_new_paths_vs_hello"] <= 1.5,
         ),
         (
             "Redis GETs, first use (32 at once)",

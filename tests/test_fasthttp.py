@@ -9,7 +9,9 @@ idle timeout and the protocol's own failure path are checked on an in-process se
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import re
 import secrets
 import signal
 import socket
@@ -19,11 +21,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import pytest
 from uvicorn.server import ServerState
 
 from authgate import tokens
 from authgate.app import Runtime
+from authgate.auth import Headers
 from authgate.backend import connect
 from authgate.config import load_settings
 from authgate.fasthttp import MAX_HEAD, FastProtocol, encode
@@ -584,3 +588,119 @@ def test_response_header_injection_is_refused(
         out = asyncio.run(go())
     assert out.startswith(b"HTTP/1.1 503 ") and b"x-evil" not in out
     assert "ValueError" in caplog.text
+
+
+def test_allowed_answer_is_encoded_once_per_token_and_byte_for_byte(
+    plane_runtime: Runtime,
+) -> None:
+    """An allowed answer carries its headers already encoded (the identity lines made once
+    per token); written out, they are exactly what the general encoding gives, for every
+    connection form."""
+    runtime = plane_runtime
+    plane = runtime.data_plane
+
+    async def go() -> list[Any]:
+        token, _ = await runtime.store.create(dict(SPEC, user_id="u-1", roles=["ops"]), "test")
+        answers = []
+        for uri in (f"/v1/a?pwt={token}&page=2", f"/v1/b%20c/?x=1&pwt={token}"):
+            scope = {
+                "type": "http",
+                "method": "GET",
+                "path": "/auth",
+                "raw_path": b"/auth",
+                "query_string": b"",
+                "headers": [(b"x-original-uri", uri.encode()), (b"x-power-token", token.encode())],
+                "client": ("127.0.0.1", 40000),
+            }
+            for _ in range(2):  # a Redis read first, then the cache
+                answer = plane.answer_now(scope)
+                if not isinstance(answer, tuple):
+                    answer = await answer
+                answers.append(answer)
+        await runtime.stop()
+        return answers
+
+    answers = asyncio.run(go())
+    for status, headers, body in answers:
+        assert status == 200 and type(headers) is Headers
+        plain = (status, list(headers), body)
+        for form in ({}, {"close": True}, {"keep_alive_header": True}, {"head_only": True}):
+            assert encode((status, headers, body), **form) == encode(plain, **form)
+    assert dict(answers[-1][1])[b"x-authgate-uri"] == b"/v1/b%20c/?x=1"
+    assert dict(answers[-1][1])[b"x-user-id"] == b"u-1"
+
+
+def test_tampered_identity_value_is_never_written(
+    valkey: Valkey, plane_runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token record changed in Redis to carry CR/LF in an identity value is answered 503
+    UNAVAILABLE: the value is not put into a response header."""
+    runtime = plane_runtime
+
+    async def go() -> bytes:
+        token, _ = await runtime.store.create(dict(SPEC), "test")
+        client = connect(runtime.settings.redis_url, 2.0)
+        try:
+            digest = hmac.digest(_pepper().encode(), token.encode(), "sha256").hex()
+            key = f"{runtime.settings.key_prefix}:th:{digest}"
+            record = orjson.loads(await client.get(key))
+            record["org"] = "acme\r\nx-evil: 1"
+            await client.set(key, orjson.dumps(record))
+        finally:
+            await client.aclose()
+        srv, port = await _serve(runtime, 5)
+        try:
+            request = ask(token, f"/x?pwt={token}").replace(
+                b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"
+            )
+            return await _exchange(port, request)
+        finally:
+            srv.close()
+            await runtime.stop()
+
+    with caplog.at_level(logging.ERROR, logger="authgate"):
+        out = asyncio.run(go())
+    assert out.startswith(b"HTTP/1.1 503 ") and b"x-evil" not in out
+    assert b"UNAVAILABLE" in out
+
+
+def test_answers_of_one_read_leave_in_one_write(plane_runtime: Runtime) -> None:
+    """Requests that arrive together are answered with one write, in order, at the end of
+    the event-loop turn: the client is woken once, not once per answer."""
+    writes: list[bytes] = []
+
+    class Counting:
+        def __init__(self, transport: asyncio.Transport) -> None:
+            self._transport = transport
+
+        def write(self, data: bytes) -> None:
+            writes.append(data)
+            self._transport.write(data)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._transport, name)
+
+    class Protocol(FastProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(Counting(transport))  # type: ignore[arg-type]
+
+    async def go() -> bytes:
+        state = ServerState()
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(
+            lambda: Protocol(plane_runtime.data_plane, state, 5), "127.0.0.1", 0
+        )
+        port = srv.sockets[0].getsockname()[1]
+        try:
+            batch = b"GET /healthz HTTP/1.1\r\n\r\n" * 9 + b"GET /nope HTTP/1.1\r\n\r\n"
+            return await _exchange(
+                port, batch + b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n"
+            )
+        finally:
+            srv.close()
+            await plane_runtime.stop()
+
+    out = asyncio.run(go())
+    statuses = [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", out)]
+    assert statuses == [200] * 9 + [404, 200]
+    assert len(writes) == 1 and writes[0] == out

@@ -38,6 +38,22 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 
 MAX_HEADER_VALUE = 8192
+# Control characters but the tab: none may reach a response header (CR/LF would split it).
+CONTROLS = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
+IDENTITY_BLOCKS = 4096  # allowed tokens whose identity header lines are kept encoded
+
+
+class Headers(list[tuple[bytes, bytes]]):
+    """Response headers that also carry their HTTP/1.1 form, `encoded`: the `name: value`
+    lines joined by CRLF, without control characters. Made for allowed answers, whose
+    identity lines are encoded once per token; the data-plane server writes `encoded`."""
+
+    __slots__ = ("encoded",)
+    encoded: bytes
+
+
+def has_control(data: bytes) -> bool:
+    return len(data.translate(None, CONTROLS)) != len(data)
 
 
 @dataclass(slots=True)
@@ -344,6 +360,9 @@ class DataPlane:
         self.header_sources = header_sources
         self.wanted = _WANTED | frozenset(header_sources)
         self.bearer = any(s.kind == "bearer" for s in settings.token_sources)
+        # id(entry) -> (entry, its identity header lines encoded, or None when a value holds a
+        # control character); the entry is kept to tell a reused id apart.
+        self._blocks: dict[int, tuple[Entry, bytes | None]] = {}
         self.query_sources = {s.name: s.label for s in settings.token_sources if s.kind == "query"}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -409,16 +428,25 @@ class DataPlane:
         answer: Answer
         if decision.status == 200 and req is not None and entry is not None:
             clean = self.clean_query(req) if req.query else ""
-            uri = encode(req.path) + ("?" + clean if clean else "")
-            headers = [
+            uri = (encode(req.path) + ("?" + clean if clean else "")).encode("latin-1")
+            query = clean.encode("latin-1")
+            items = [
                 *entry.headers,
                 entry.user_header,
                 entry.id_header,
-                (b"x-authgate-uri", uri.encode("latin-1")),
-                (b"x-authgate-query", clean.encode("latin-1")),
+                (b"x-authgate-uri", uri),
+                (b"x-authgate-query", query),
                 (b"content-length", b"0"),
             ]
-            answer = (200, headers, b"")
+            block = self._identity_block(entry)
+            if block is not None and not has_control(uri + query):
+                encoded = Headers(items)
+                encoded.encoded = b"".join(
+                    (block, b"x-authgate-uri: ", uri, b"\r\nx-authgate-query: ", query, _LENGTH_0)
+                )
+                answer = (200, encoded, b"")
+            else:  # the server's own check refuses it
+                answer = (200, items, b"")
         else:
             body = error_body(decision)
             if fold:
@@ -433,18 +461,38 @@ class DataPlane:
         self.metrics.decided(decision.code, time.perf_counter() - started)
         return answer
 
+    def _identity_block(self, entry: Entry) -> bytes | None:
+        """The entry's identity header lines, each ending in CRLF."""
+        found = self._blocks.get(id(entry))
+        if found is not None and found[0] is entry:
+            return found[1]
+        pairs = (*entry.headers, entry.user_header, entry.id_header)
+        lines = b"".join([name + b": " + value + b"\r\n" for name, value in pairs])
+        # Each line's own CR LF must be its only control characters.
+        clean = len(lines.translate(None, CONTROLS)) == len(lines) - 2 * len(pairs)
+        block = lines if clean else None
+        if len(self._blocks) >= IDENTITY_BLOCKS:
+            self._blocks.clear()
+        self._blocks[id(entry)] = (entry, block)
+        return block
+
     def clean_query(self, req: AuthRequest) -> str:
         if not req.query:
             return ""
         names = self.authorizer.query_names
         # The token never travels upstream, whatever other parameter it was also put in
         # (`??pwt=`, `PWT=`, `x=pwt=…`): a pair that carries it is dropped too.
-        token = next((v for vs in req.candidates.values() for v in vs), "")
-        return "&".join(
-            raw
-            for key, value, raw in req.pairs
-            if key not in names and not (token and (token in raw or token in key + value))
-        )
+        token = ""
+        for values in req.candidates.values():
+            if values:
+                token = values[0]
+                break
+        kept = []
+        for key, value, raw in req.pairs:
+            if key in names or (token and (token in raw or token in key + value)):
+                continue
+            kept.append(raw)
+        return "&".join(kept)
 
     def parse(self, scope: Scope) -> AuthRequest:
         """Read the dialect, original URI and method, client IP and token candidates."""
@@ -636,6 +684,7 @@ def _nginx_only(seen: dict[bytes, list[bytes]]) -> bytes | None:
 
 
 _OTHER_DIALECTS = (b"x-original-url", b"x-forwarded-uri", b"x-forwarded-method")
+_LENGTH_0 = b"\r\ncontent-length: 0"
 _BODIES: dict[str, bytes] = {}  # error bodies without details, made once per code
 
 

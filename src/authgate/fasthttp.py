@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import urllib.parse
 from collections import deque
 from typing import Any, cast
@@ -27,7 +26,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from .auth import Answer, DataPlane, Scope, json_answer
+from .auth import CONTROLS, Answer, DataPlane, Headers, Scope, json_answer
 
 log = logging.getLogger("authgate")
 
@@ -49,8 +48,6 @@ _STATUS_LINES = {
 _CLOSE_END = b"\r\nconnection: close\r\n\r\n"
 _KEEP_END = b"\r\nconnection: keep-alive\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-# Control characters but the tab that joins the values being checked.
-_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _error(status: int, code: str, message: str) -> bytes:
@@ -72,19 +69,22 @@ def encode(
 ) -> bytes:
     """The response's bytes: status line, headers (with their Content-Length), body (none
     for HEAD).
-    A header value with a control character (CR, LF …) is refused: it would split the
-    response."""
+    A header with a control character (CR, LF …) is refused: it would split the response."""
     status, headers, body = answer
-    if _CONTROL.search(b"\t".join([value for _, value in headers])):
-        raise ValueError("invalid response header value")
     line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status
     end = _CLOSE_END if close else _KEEP_END if keep_alive_header else b"\r\n\r\n"
     if head_only:
         body = b""
     if not headers:
         return line + end[2:] + body
-    head = line + b"\r\n".join([name + b": " + value for name, value in headers])
-    return head + end + body
+    if type(headers) is Headers:
+        head = headers.encoded  # checked when it was made
+    else:
+        head = b"\r\n".join([name + b": " + value for name, value in headers])
+        # The only control characters but the tab are the CR LF of each separator.
+        if len(head) - len(head.translate(None, CONTROLS)) != 2 * len(headers) - 2:
+            raise ValueError("invalid response header")
+    return line + head + end + body
 
 
 _BAD_REQUEST = _error(400, "BAD_REQUEST", "The request could not be interpreted.")
