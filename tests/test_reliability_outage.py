@@ -390,3 +390,36 @@ def test_cache_forgets_what_nobody_asks_for_any_more() -> None:
     assert cache.get(b"old0", 10.5)[0] == "stale"
     assert cache.get(b"new5", 10.5)[0] == "fresh"
     assert cache.get(b"old1", 10.5)[0] == "miss"
+
+
+def test_stop_ends_a_background_task_that_goes_on_after_its_cancellation(
+    node: ValkeyNode,
+) -> None:
+    """A worker's shutdown does not hang on a background task whose cancellation was
+    absorbed (a client library can turn a cancel that lands as a command times out into
+    that timeout, which the task then handles as one): the task is cancelled again."""
+    from authgate.app import STOP_RETRY, Runtime
+    from tests.inproc import settings_for
+
+    async def go() -> tuple[float, bool]:
+        runtime = Runtime(settings_for(node.url))
+        await runtime.start()
+        absorbed = asyncio.Event()
+
+        async def stubborn() -> None:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                absorbed.set()  # handled as a timeout would be
+            await asyncio.sleep(3600)
+
+        task = asyncio.create_task(stubborn())
+        runtime._tasks.append(task)
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        await asyncio.wait_for(runtime.stop(), 10 * STOP_RETRY)
+        return time.monotonic() - started, absorbed.is_set() and task.cancelled()
+
+    took, ended = asyncio.run(go())
+    assert ended
+    assert took < 3 * STOP_RETRY

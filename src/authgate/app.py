@@ -23,6 +23,8 @@ from .metrics import Metrics
 from .store import TokenStore
 from .usage import UsageRecorder
 
+STOP_RETRY = 1.0  # seconds between cancellations of a background task that goes on
+
 log = logging.getLogger("authgate")
 
 
@@ -71,11 +73,17 @@ class Runtime:
             self._tasks.append(asyncio.create_task(follow, name="authgate-topology"))
 
     async def stop(self) -> None:
+        pending = set(self._tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            # A cancellation that lands while a Redis command times out can come back as
+            # that timeout and be handled as one; cancelling again ends the task anyway.
+            _, pending = await asyncio.wait(pending, timeout=STOP_RETRY)
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, BackendUnavailable):
-                await task
+            if not task.cancelled():
+                with contextlib.suppress(BackendUnavailable):
+                    task.result()
         self._tasks = []
         self.metrics.flush()  # counts of the last few ms reach /metrics too
         with contextlib.suppress(Exception):
