@@ -549,3 +549,45 @@ async def test_gateway_fabric_without_path_header_is_refused(redis_url: str) -> 
         r = await client.get(f"/ext-authz?pwt={token}", headers={"X-Power-Token": token})
     assert r.status_code == 403
     assert r.headers["x-authgate-status"] == "400"
+
+
+async def test_denials_the_cache_can_answer_need_no_wait(redis_url: str) -> None:
+    """A missing, malformed or already-known-unknown token is answered on the spot, with no
+    task and no Redis call; only the first sight of a well-formed unknown token waits for
+    Redis."""
+    from authgate import tokens
+
+    async with running(settings_for(redis_url), start=True) as (runtime, _):
+        plane = runtime.data_plane
+        assert runtime.invalidator is not None
+        await runtime.invalidator.subscribed.wait()  # its first flush is behind us
+
+        def scope(token: str | None) -> dict[str, Any]:
+            headers = [(b"x-original-uri", f"/v1/x?pwt={token}".encode())] if token else []
+            if token:
+                headers.append((b"x-power-token", token.encode()))
+            return {
+                "type": "http",
+                "method": "GET",
+                "path": "/auth",
+                "raw_path": b"/auth",
+                "query_string": b"",
+                "headers": headers or [(b"x-original-uri", b"/v1/x")],
+                "client": ("127.0.0.1", 40000),
+            }
+
+        unknown = tokens.generate("min_")
+        malformed = unknown[:-1] + ("A" if unknown[-1] != "A" else "B")
+        for token in (None, malformed, "min_short"):
+            answer = plane.answer_now(scope(token))
+            assert isinstance(answer, tuple), token
+            assert answer[0] in (401, 403)
+        first = plane.answer_now(scope(unknown))
+        assert not isinstance(first, tuple)
+        assert (await first)[1][0] == (b"x-authgate-status", b"404")
+        negative = runtime.metrics.cache_counts["negative"]
+        again = plane.answer_now(scope(unknown))
+        assert isinstance(again, tuple)
+        assert again[1][0] == (b"x-authgate-status", b"404")
+        assert b"TOKEN_INVALID" in again[1][1][1]
+        assert runtime.metrics.cache_counts["negative"] == negative + 1

@@ -262,14 +262,21 @@ class Authorizer:
         return None
 
     def decide_cached(self, req: AuthRequest) -> Decision | None:
-        """The decision when no Redis call is needed (token rejected or found fresh in the
-        cache), else None. A cache hit skips check 4's checksum: only tokens that passed it
-        are ever cached, and the key is their HMAC."""
+        """The decision when no Redis call is needed (the token is missing, malformed, known
+        unknown, or found fresh in the cache), else None. A cache hit skips check 4's
+        checksum: only tokens that passed it are ever cached, and the key is their HMAC."""
         token = self.candidate(req)
         if isinstance(token, Decision):
             return token
-        entry = self.cache.fresh(self._hash(token), time.monotonic())
+        key = self._hash(token)
+        now = time.monotonic()
+        entry = self.cache.fresh(key, now)
         if entry is None:
+            if not is_well_formed(token, self.prefix):
+                return deny("TOKEN_INVALID", 4)
+            if self.cache.known_unknown(key, now):
+                self._cache_counts["negative"] += 1
+                return deny("TOKEN_INVALID", 5)
             return None
         self._cache_counts["fresh"] += 1
         decision = self.authorize(entry, req, time.time())

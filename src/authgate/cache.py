@@ -38,6 +38,11 @@ class TokenCache:
             return hit[0]
         return None
 
+    def known_unknown(self, digest: bytes, now: float) -> bool:
+        """Whether the digest is in the negative cache and not yet expired."""
+        until = self._negative.get(digest)
+        return until is not None and now < until
+
     def get(self, digest: bytes, now: float) -> tuple[Freshness, Entry | None]:
         hit = self._entries.get(digest)
         if hit is not None:
