@@ -273,3 +273,42 @@ def worker_counts(metrics_dir: str) -> list[float]:
                 total += value
         out.append(total)
     return [n for n in out if n]
+
+
+def test_usage_flush_goes_in_chunks_and_keeps_what_failed(
+    cli_env: dict[str, str], valkey_client: redis.Redis
+) -> None:
+    """Usage of many tokens is written a chunk at a time (the event loop answers requests
+    in between); when a chunk fails, it and the rest are kept for the next flush, and the
+    chunks already written are not counted twice."""
+    from authgate.errors import BackendUnavailable
+    from authgate.usage import CHUNK, UsageRecorder
+
+    ids = [f"tok_{i:04d}" for i in range(CHUNK * 3 + 7)]
+    recorder = UsageRecorder()
+    for n, token_id in enumerate(ids):
+        for _ in range(n % 3 + 1):
+            recorder.note(token_id)
+
+    async def go() -> list[int]:
+        client = aioredis.Redis.from_url(cli_env["AUTHGATE_REDIS_URL"])
+        store = TokenStore(client, load_settings(cli_env))
+        sizes: list[int] = []
+
+        async def flush(chunk: dict[str, tuple[int, float]]) -> None:
+            sizes.append(len(chunk))
+            if len(sizes) == 3:
+                raise BackendUnavailable("redis: lost in the middle")
+            await store.record_usage(chunk)
+
+        try:
+            await recorder.flush_once(flush)  # the third chunk fails
+            await recorder.flush_once(flush)
+        finally:
+            await client.aclose()
+        return sizes
+
+    sizes = asyncio.run(go())
+    assert sizes == [CHUNK, CHUNK, CHUNK, CHUNK, 7]
+    counts = [valkey_client.hget(f"authgate:usage:{t}", "count") for t in ids]
+    assert counts == [str(n % 3 + 1).encode() for n in range(len(ids))]
