@@ -115,6 +115,19 @@ def test_environment_overrides_file() -> None:
         pytest.param(
             {
                 **GOOD,
+                "AUTHGATE_CONFIG": toml('[[routes]]\nclass = "app"\nprefix = "/a/{app}/{app}"'),
+            },
+            "placeholder {app} appears more than once",
+            id="placeholder-twice",
+        ),
+        pytest.param(
+            {**GOOD, "AUTHGATE_CONFIG": toml('[[routes]]\nclass = "app"\nprefix = "/a/{user}"')},
+            "unknown placeholder {user}",
+            id="placeholder-unknown",
+        ),
+        pytest.param(
+            {
+                **GOOD,
                 "AUTHGATE_CONFIG": toml(
                     '[[routes]]\nclass = "default"\nprefix = "/x"\npermissions = "read:x"'
                 ),

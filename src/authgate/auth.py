@@ -303,21 +303,21 @@ class RouteTable:
     """`Settings.routes` compiled: one anchored regex per route, tried in order."""
 
     def __init__(self, routes: tuple[Route, ...]) -> None:
-        self._routes: list[tuple[Route, str, re.Pattern[str], tuple[str, ...]]] = []
+        self._routes: list[tuple[Route, str, re.Pattern[str]]] = []
         for route in routes:
-            pattern, head, names = "", "", []
+            pattern, head, bound = "", "", False
             for segment in route.segments:
-                if segment[0] == "{":
-                    pattern += "/([^/]+)"
-                    names.append(segment[1:-1])
+                if segment[0] == "{":  # org, project or app, each at most once
+                    pattern += f"/(?P<{segment[1:-1]}>[^/]+)"
+                    bound = True
                 else:
                     pattern += "/" + re.escape(segment)
-                    if not names:
+                    if not bound:
                         head += "/" + segment
             # Whole segments: the prefix ends the path or a slash follows (\Z, not $: a
             # decoded %0A must not end a segment early).
             compiled = re.compile(pattern + r"(?:/|\Z)")
-            self._routes.append((route, head, compiled, tuple(names)))
+            self._routes.append((route, head, compiled))
 
         self._seen: dict[str, tuple[Route | None, dict[str, str]]] = {}
 
@@ -333,11 +333,11 @@ class RouteTable:
         return found
 
     def _match(self, path: str) -> tuple[Route | None, dict[str, str]]:
-        for route, head, pattern, names in self._routes:
+        for route, head, pattern in self._routes:
             if path.startswith(head):
                 m = pattern.match(path)
                 if m is not None:
-                    return route, dict(zip(names, m.groups(), strict=True))
+                    return route, m.groupdict()
         return None, {}
 
 

@@ -142,11 +142,13 @@ def make_route(cls: str, prefix: str, permissions: Any, where: str = "routes") -
     if not isinstance(prefix, str) or not prefix.startswith("/"):
         raise ConfigError(f"{where}.prefix: {prefix!r} must be a path starting with '/'")
     segments = tuple(s for s in prefix.split("/") if s)
-    for seg in segments:
+    for i, seg in enumerate(segments):
         if seg.startswith("{") and seg not in ("{org}", "{project}", "{app}"):
             raise ConfigError(
                 f"{where}.prefix: unknown placeholder {seg} (use {{org}}, {{project}} or {{app}})"
             )
+        if seg.startswith("{") and seg in segments[:i]:
+            raise ConfigError(f"{where}.prefix: placeholder {seg} appears more than once")
     if cls == "scoped" and not {"{org}", "{project}"} <= set(segments):
         raise ConfigError(f"{where}.prefix: a scoped route needs {{org}} and {{project}}")
     if not isinstance(permissions, list | tuple) or not all(
