@@ -925,3 +925,39 @@ def test_any_create_body_is_created_or_refused_cleanly(
     clean = validate_spec(spec)
     for key in ("name", "kind", "key_type", "org", "project", "roles", "ip_allowlist"):
         assert created[key] == clean[key], key
+
+
+def test_anonymous_denials_cannot_flush_the_audit_stream(redis_url: str) -> None:
+    """Callers without a recognised management token are audited up to a burst and then at a
+    steady rate per worker; the rest are counted in /metrics, and the next denial written
+    says how many were left out. Lifecycle events stay in the capped stream."""
+    from authgate.admin import ANONYMOUS_AUDIT_BURST, ANONYMOUS_AUDIT_RATE
+    from tests.cluster_harness import metric
+
+    ag = start_authgate({**base_env(redis_url), "AUTHGATE_AUDIT_MAXLEN": "150"}, admin=True)
+    try:
+        created = mint(ag.env)  # a lifecycle event, first in the stream
+        sent = ANONYMOUS_AUDIT_BURST + 150
+        started = time.monotonic()
+        with httpx.Client(base_url=ag.admin_url, timeout=10) as client:
+            for i in range(sent):
+                headers = {"Authorization": "Bearer not-a-token"} if i % 2 else {}
+                assert client.get("/v1/tokens", headers=headers).status_code == 401
+        elapsed = time.monotonic() - started
+        written = [e for e in raw_audit(redis_url) if e["action"] == "denied"]
+        assert ANONYMOUS_AUDIT_BURST <= len(written)
+        assert len(written) <= ANONYMOUS_AUDIT_BURST + ANONYMOUS_AUDIT_RATE * elapsed + 1
+        left_out = sent - len(written)
+        assert left_out > 0
+        assert metric(ag.metrics_url, "authgate_admin_audit_suppressed_total") == left_out
+        assert any(e["action"] == "create" for e in raw_audit(redis_url))
+
+        time.sleep(2 / ANONYMOUS_AUDIT_RATE)
+        assert call(ag, "GET", "/v1/tokens").status_code == 401
+        last = raw_audit(redis_url)[-1]
+        assert last["action"] == "denied" and last["actor"] == "anonymous"
+        reported = [orjson.loads(e["detail"]).get("suppressed_before", 0) for e in written]
+        assert sum(reported) + orjson.loads(last["detail"])["suppressed_before"] == left_out
+        assert created[0] not in ag.log()
+    finally:
+        ag.stop()

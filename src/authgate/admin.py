@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 MAX_BODY = 64 * 1024
+# Denials of callers without a recognised management token, written to the audit stream per
+# worker: a burst, then a steady rate. Past that they are counted, not written, so that
+# nobody who can reach the port can push the lifecycle events out of the capped stream.
+ANONYMOUS_AUDIT_BURST = 100
+ANONYMOUS_AUDIT_RATE = 10.0  # events per second
 MAX_LIMIT = 1000
 
 # Operation -> the key_type flag a management token needs for it.
@@ -145,6 +151,15 @@ class AdminApp:
             ["operation", "code"],
             registry=metrics.registry,
         )
+        self.suppressed = Counter(
+            "authgate_admin_audit_suppressed",
+            "Denials of callers without a recognised management token left out of the audit "
+            "stream (over the rate limit)",
+            registry=metrics.registry,
+        )
+        self._allowance = float(ANONYMOUS_AUDIT_BURST)
+        self._allowance_at = time.monotonic()
+        self._left_out = 0  # since the last anonymous denial written
 
     # -- ASGI -------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -380,10 +395,30 @@ class AdminApp:
         if call.token_id is not None and tokens.looks_like_id(call.token_id):
             target = {"id": call.token_id, "display_prefix": ""}
         action = "denied" if error.denial else "rejected"
+        if call.caller is None:
+            if not self._anonymous_allowed():
+                self._left_out += 1
+                self.suppressed.inc()
+                return
+            if self._left_out:
+                detail["suppressed_before"] = self._left_out  # left out since the last one
+                self._left_out = 0
         try:
             await self.store.audit(action, actor, target, detail)
         except BackendUnavailable:
             log.warning("management API: could not write the %s audit event", action)
+
+    def _anonymous_allowed(self) -> bool:
+        now = time.monotonic()
+        self._allowance = min(
+            float(ANONYMOUS_AUDIT_BURST),
+            self._allowance + (now - self._allowance_at) * ANONYMOUS_AUDIT_RATE,
+        )
+        self._allowance_at = now
+        if self._allowance < 1.0:
+            return False
+        self._allowance -= 1.0
+        return True
 
 
 def create_admin_app(store: TokenStore, settings: Settings, metrics: Metrics) -> AdminApp:
