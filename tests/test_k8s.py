@@ -76,6 +76,7 @@ METRICS = {
     "authgate_redis_errors_total",
     "authgate_redis_seconds",
     "authgate_invalidations_total",
+    "authgate_admin_audit_suppressed_total",
 }
 # Where the ingress controller (whatever calls /auth) runs, per build.
 CONTROLLER_NAMESPACE = {
