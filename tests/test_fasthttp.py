@@ -200,6 +200,29 @@ def test_connection_close_is_honoured(server: AuthgateProcess, token: str) -> No
     conn.close()
 
 
+def test_requests_then_half_close_are_all_answered(
+    valkey: Valkey, server: AuthgateProcess, token: str
+) -> None:
+    """A client that sends its requests and shuts its side at once (EOF with the data)
+    still gets every answer, cache hits and a Redis read alike, then the close."""
+    warm(server.port, token)
+    fresh = mint(valkey.url, name="half-close")
+    for middle in (token, fresh):  # all answered from the cache; one waiting for Redis
+        conn = Conn(server.port)
+        conn.send(
+            ask(token, f"/h/1?pwt={token}")
+            + ask(middle, f"/h/2?pwt={middle}")
+            + ask(None, "/h/3")
+            + ask(token, f"/h/4?pwt={token}")
+        )
+        conn.sock.shutdown(socket.SHUT_WR)
+        answers = [conn.read() for _ in range(4)]
+        assert [a.status for a in answers] == [200, 200, 401, 200]
+        assert [a.header("x-authgate-uri") for a in answers] == ["/h/1", "/h/2", None, "/h/4"]
+        assert conn.closed()
+        conn.close()
+
+
 # -- pipelining ----------------------------------------------------------------------------------
 def test_pipelined_answers_keep_request_order(valkey: Valkey, server: AuthgateProcess) -> None:
     """Pipelined requests mixing cache hits, denials, never-seen tokens (Redis reads) and a
