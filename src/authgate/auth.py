@@ -39,7 +39,7 @@ Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 
 MAX_HEADER_VALUE = 8192
 # Control characters but the tab: none may reach a response header (CR/LF would split it).
-CONTROLS = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
+_CONTROLS = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
 IDENTITY_BLOCKS = 4096  # allowed tokens whose identity header lines are kept encoded
 
 
@@ -52,8 +52,10 @@ class Headers(list[tuple[bytes, bytes]]):
     encoded: bytes
 
 
-def has_control(data: bytes) -> bool:
-    return len(data.translate(None, CONTROLS)) != len(data)
+def safe_lines(data: bytes, breaks: int) -> bool:
+    """Whether the only control characters in `data` (header lines) are `breaks` CR LF
+    pairs, the ones that end or join its lines: then no value can split the response."""
+    return len(data) - len(data.translate(None, _CONTROLS)) == 2 * breaks
 
 
 @dataclass(slots=True)
@@ -446,7 +448,7 @@ class DataPlane:
                 (b"content-length", b"0"),
             ]
             block = self._identity_block(entry)
-            if block is not None and not has_control(uri + query):
+            if block is not None and safe_lines(uri + query, 0):
                 encoded = Headers(items)
                 encoded.encoded = b"".join(
                     (block, b"x-authgate-uri: ", uri, b"\r\nx-authgate-query: ", query, _LENGTH_0)
@@ -475,9 +477,7 @@ class DataPlane:
             return found[1]
         pairs = (*entry.headers, entry.user_header, entry.id_header)
         lines = b"".join([name + b": " + value + b"\r\n" for name, value in pairs])
-        # Each line's own CR LF must be its only control characters.
-        clean = len(lines.translate(None, CONTROLS)) == len(lines) - 2 * len(pairs)
-        block = lines if clean else None
+        block = lines if safe_lines(lines, len(pairs)) else None
         if len(self._blocks) >= IDENTITY_BLOCKS:
             self._blocks.clear()
         self._blocks[id(entry)] = (entry, block)

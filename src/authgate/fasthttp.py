@@ -26,7 +26,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from .auth import CONTROLS, Answer, DataPlane, Headers, Scope, json_answer
+from .auth import Answer, DataPlane, Headers, Scope, json_answer, safe_lines
 
 log = logging.getLogger("authgate")
 
@@ -81,8 +81,7 @@ def encode(
         head = headers.encoded  # checked when it was made
     else:
         head = b"\r\n".join([name + b": " + value for name, value in headers])
-        # The only control characters but the tab are the CR LF of each separator.
-        if len(head) - len(head.translate(None, CONTROLS)) != 2 * len(headers) - 2:
+        if not safe_lines(head, len(headers) - 1):
             raise ValueError("invalid response header")
     return line + head + end + body
 
