@@ -223,6 +223,21 @@ def test_requests_then_half_close_are_all_answered(
         conn.close()
 
 
+def test_upgrade_request_is_answered_then_closed(server: AuthgateProcess, token: str) -> None:
+    """A request asking to switch protocols (WebSocket) is answered as plain HTTP, and the
+    connection then ends: nothing after it is read as HTTP."""
+    warm(server.port, token)
+    conn = Conn(server.port)
+    conn.send(
+        ask(token, f"/u?pwt={token}", extra="Connection: Upgrade\r\nUpgrade: websocket\r\n")
+        + b"\x81\x05hello"
+    )
+    resp = conn.read()
+    assert resp.status == 200 and resp.header("x-authgate-uri") == "/u"
+    assert conn.closed()
+    conn.close()
+
+
 # -- pipelining ----------------------------------------------------------------------------------
 def test_pipelined_answers_keep_request_order(valkey: Valkey, server: AuthgateProcess) -> None:
     """Pipelined requests mixing cache hits, denials, never-seen tokens (Redis reads) and a

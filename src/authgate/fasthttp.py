@@ -218,7 +218,7 @@ class FastProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         # The client will send nothing more: answer what is queued, then close.
         self.closing = True
-        if not self.queue and not self.out and self.transport is not None:
+        if self._nothing_pending() and self.transport is not None:
             self.transport.close()
         return True  # keep the write side open until then
 
@@ -245,8 +245,12 @@ class FastProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         """Graceful stop: finish the answers under way, read no further request."""
         self.closing = True
-        if not self.queue and not self.out and self.transport is not None:
+        if self._nothing_pending() and self.transport is not None:
             self.transport.close()
+
+    def _nothing_pending(self) -> bool:
+        """No answer is being made or waiting to be written."""
+        return not self.queue and not self.out
 
     def _idle_check(self) -> None:
         self.timer = None
@@ -254,7 +258,7 @@ class FastProtocol(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         remaining = self.last_active + self.keep_alive - self.loop.time()
-        if remaining <= 0 and not self.queue and not self.out:
+        if remaining <= 0 and self._nothing_pending():
             transport.close()
             return
         self.timer = self.loop.call_later(max(remaining, 1.0), self._idle_check)
@@ -268,7 +272,7 @@ class FastProtocol(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.closing = True  # the request was answered; no other protocol follows here
-            if not self.queue and self.transport is not None:
+            if self._nothing_pending() and self.transport is not None:
                 self.transport.close()
             return
         except httptools.HttpParserCallbackError as exc:
@@ -313,8 +317,7 @@ class FastProtocol(asyncio.Protocol):
         self.unparsed = 0
         if (
             self.expect
-            and not self.queue
-            and not self.out
+            and self._nothing_pending()
             and self.transport is not None
             and self.parser.get_http_version() == "1.1"
         ):
