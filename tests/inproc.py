@@ -50,3 +50,16 @@ def ask_headers(
         headers["X-Power-Token"] = token
     headers.update(extra or {})
     return headers
+
+
+def auth_scope(token: str | None, uri: str) -> dict[str, Any]:
+    """The ASGI scope of an nginx auth subrequest, for calling `DataPlane.answer_now`."""
+    return {
+        "type": "http",
+        "method": "GET",
+        "path": "/auth",
+        "raw_path": b"/auth",
+        "query_string": b"",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in ask_headers(token, uri).items()],
+        "client": ("127.0.0.1", 40000),
+    }

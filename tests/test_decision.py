@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from authgate.app import Runtime
-from tests.inproc import create, running, settings_for
+from tests.inproc import auth_scope, create, running, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -563,18 +563,7 @@ async def test_denials_the_cache_can_answer_need_no_wait(redis_url: str) -> None
         await runtime.invalidator.subscribed.wait()  # its first flush is behind us
 
         def scope(token: str | None) -> dict[str, Any]:
-            headers = [(b"x-original-uri", f"/v1/x?pwt={token}".encode())] if token else []
-            if token:
-                headers.append((b"x-power-token", token.encode()))
-            return {
-                "type": "http",
-                "method": "GET",
-                "path": "/auth",
-                "raw_path": b"/auth",
-                "query_string": b"",
-                "headers": headers or [(b"x-original-uri", b"/v1/x")],
-                "client": ("127.0.0.1", 40000),
-            }
+            return auth_scope(token, f"/v1/x?pwt={token}" if token else "/v1/x")
 
         unknown = tokens.generate("min_")
         malformed = unknown[:-1] + ("A" if unknown[-1] != "A" else "B")

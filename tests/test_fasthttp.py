@@ -33,6 +33,7 @@ from authgate.config import load_settings
 from authgate.fasthttp import MAX_HEAD, FastProtocol, encode
 from authgate.store import TokenStore
 from tests.conftest import AuthgateProcess, Valkey, base_env, start_authgate
+from tests.inproc import auth_scope
 
 GET = "X-Original-Method: GET\r\n"  # the method judged, whatever the request line says
 SPEC = {"name": "fast", "org": "acme", "project": "tunes", "key_type": "r--"}
@@ -641,15 +642,7 @@ def test_allowed_answer_is_encoded_once_per_token_and_byte_for_byte(
         token, _ = await runtime.store.create(dict(SPEC, user_id="u-1", roles=["ops"]), "test")
         answers = []
         for uri in (f"/v1/a?pwt={token}&page=2", f"/v1/b%20c/?x=1&pwt={token}"):
-            scope = {
-                "type": "http",
-                "method": "GET",
-                "path": "/auth",
-                "raw_path": b"/auth",
-                "query_string": b"",
-                "headers": [(b"x-original-uri", uri.encode()), (b"x-power-token", token.encode())],
-                "client": ("127.0.0.1", 40000),
-            }
+            scope = auth_scope(token, uri)
             for _ in range(2):  # a Redis read first, then the cache
                 answer = plane.answer_now(scope)
                 if not isinstance(answer, tuple):
