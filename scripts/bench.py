@@ -321,14 +321,9 @@ PATHS_LUA = r"""
 local n = 0
 request = function()
   n = n + 1
-  local uri = "%(path)s/" .. (n %% 100000) .. "?pwt=%(token)s&page=2"
-  return wrk.format("GET", "/auth", {
-    ["X-Original-URI"] = uri,
-    ["X-Original-Method"] = "GET",
-    ["X-Real-IP"] = "127.0.0.1",
-    ["X-Forwarded-For"] = "127.0.0.1",
-    ["X-Power-Token"] = "%(token)s",
-  })
+  local headers = {%(headers)s}
+  headers["X-Original-URI"] = "%(path)s/" .. (n %% 100000) .. "?pwt=%(token)s&page=2"
+  return wrk.format("GET", "/auth", headers)
 end
 """
 
@@ -726,7 +721,8 @@ def main() -> int:
                 main_calls[k] = main_calls.get(k, 0) + v
         runs["nginx_limit"], runs["nginx_authgate"] = merge(limits), merge(gates)
         hellos, directs, varied = [], [], []
-        paths_lua = PATHS_LUA % {"path": PATH, "token": token}
+        lua_headers = ", ".join(f'["{k}"] = "{v}"' for k, v in nginx_headers(token).items())
+        paths_lua = PATHS_LUA % {"path": PATH, "token": token, "headers": lua_headers}
         for _ in range(PAIRS):  # alternated too
             hellos.append(
                 wrk.run(
