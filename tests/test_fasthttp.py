@@ -661,11 +661,13 @@ def test_allowed_answer_is_encoded_once_per_token_and_byte_for_byte(
     assert dict(answers[-1][1])[b"x-user-id"] == b"u-1"
 
 
+@pytest.mark.parametrize("field", ["org", "roles", "user_id"])
 def test_tampered_identity_value_is_never_written(
-    valkey: Valkey, plane_runtime: Runtime, caplog: pytest.LogCaptureFixture
+    field: str, plane_runtime: Runtime, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A token record changed in Redis to carry CR/LF in an identity value is answered 503
-    UNAVAILABLE: the value is not put into a response header."""
+    """A token record changed in Redis to carry CR/LF in an identity value (shared by many
+    tokens, or the token's own) is answered 503 UNAVAILABLE: the value is not put into a
+    response header."""
     runtime = plane_runtime
 
     async def go() -> bytes:
@@ -675,7 +677,8 @@ def test_tampered_identity_value_is_never_written(
             digest = hmac.digest(_pepper().encode(), token.encode(), "sha256").hex()
             key = f"{runtime.settings.key_prefix}:th:{digest}"
             record = orjson.loads(await client.get(key))
-            record["org"] = "acme\r\nx-evil: 1"
+            evil = "acme\r\nx-evil: 1"
+            record[field] = [evil] if field == "roles" else evil
             await client.set(key, orjson.dumps(record))
         finally:
             await client.aclose()

@@ -40,13 +40,14 @@ Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 MAX_HEADER_VALUE = 8192
 # Control characters but the tab: none may reach a response header (CR/LF would split it).
 _CONTROLS = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
-IDENTITY_BLOCKS = 4096  # allowed tokens whose identity header lines are kept encoded
+IDENTITY_BLOCKS = 4096  # identity header sets (shared by many tokens) kept encoded
 
 
 class Headers(list[tuple[bytes, bytes]]):
     """Response headers that also carry their HTTP/1.1 form, `encoded`: the `name: value`
     lines joined by CRLF, without control characters. Made for allowed answers, whose
-    identity lines are encoded once per token; the data-plane server writes `encoded`."""
+    identity lines that many tokens share are encoded once; the data-plane server writes
+    `encoded`."""
 
     __slots__ = ("encoded",)
     encoded: bytes
@@ -369,9 +370,10 @@ class DataPlane:
         self.header_sources = header_sources
         self.wanted = _WANTED | frozenset(header_sources)
         self.bearer = any(s.kind == "bearer" for s in settings.token_sources)
-        # id(entry) -> (entry, its identity header lines encoded, or None when a value holds a
-        # control character); the entry is kept to tell a reused id apart.
-        self._blocks: dict[int, tuple[Entry, bytes | None]] = {}
+        # id(Entry.headers) -> (those headers, their lines encoded, or None when a value holds
+        # a control character). The headers are kept to tell a reused id apart; they are
+        # shared by every token of the same org, project, roles … (`model._shared`).
+        self._blocks: dict[int, tuple[tuple[tuple[bytes, bytes], ...], bytes | None]] = {}
         self.query_sources = {s.name: s.label for s in settings.token_sources if s.kind == "query"}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -447,11 +449,26 @@ class DataPlane:
                 (b"x-authgate-query", query),
                 (b"content-length", b"0"),
             ]
-            block = self._identity_block(entry)
-            if block is not None and safe_lines(uri + query, 0):
+            block = self._identity_block(entry.headers)
+            (user_name, user), (id_name, token_id) = entry.user_header, entry.id_header
+            if block is not None and safe_lines(user + token_id + uri + query, 0):
                 encoded = Headers(items)
                 encoded.encoded = b"".join(
-                    (block, b"x-authgate-uri: ", uri, b"\r\nx-authgate-query: ", query, _LENGTH_0)
+                    (
+                        block,
+                        user_name,
+                        b": ",
+                        user,
+                        b"\r\n",
+                        id_name,
+                        b": ",
+                        token_id,
+                        b"\r\nx-authgate-uri: ",
+                        uri,
+                        b"\r\nx-authgate-query: ",
+                        query,
+                        _LENGTH_0,
+                    )
                 )
                 answer = (200, encoded, b"")
             else:  # the server's own check refuses it
@@ -470,17 +487,16 @@ class DataPlane:
         self.metrics.decided(decision.code, time.perf_counter() - started)
         return answer
 
-    def _identity_block(self, entry: Entry) -> bytes | None:
-        """The entry's identity header lines, each ending in CRLF."""
-        found = self._blocks.get(id(entry))
-        if found is not None and found[0] is entry:
+    def _identity_block(self, pairs: tuple[tuple[bytes, bytes], ...]) -> bytes | None:
+        """Shared identity header lines (`Entry.headers`), each ending in CRLF."""
+        found = self._blocks.get(id(pairs))
+        if found is not None and found[0] is pairs:
             return found[1]
-        pairs = (*entry.headers, entry.user_header, entry.id_header)
         lines = b"".join([name + b": " + value + b"\r\n" for name, value in pairs])
         block = lines if safe_lines(lines, len(pairs)) else None
         if len(self._blocks) >= IDENTITY_BLOCKS:
             self._blocks.clear()
-        self._blocks[id(entry)] = (entry, block)
+        self._blocks[id(pairs)] = (pairs, block)
         return block
 
     def clean_query(self, req: AuthRequest) -> str:
