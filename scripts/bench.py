@@ -756,23 +756,29 @@ def main() -> int:
         other, _ = toks.create()
         half = CONNECTIONS // 2
         fg = (gate_url, {"headers": client_headers, "connections": half})
-        with_valid = wrk.together(
-            [
-                fg,
-                (
-                    f"http://127.0.0.1:{gate_port}{PATH}?pwt={other}&page=2",
-                    {"headers": {"X-Power-Token": other}, "connections": half},
-                ),
-            ],
-            {"nginx": ngx_worker, "app": ag_worker},
-        )
+        beside_valid = [
+            fg,
+            (
+                f"http://127.0.0.1:{gate_port}{PATH}?pwt={other}&page=2",
+                {"headers": {"X-Power-Token": other}, "connections": half},
+            ),
+        ]
         flood = FLOOD_LUA % {"unknown": tokens.generate("min_"), "prefix": "min_", "path": PATH}
-        before = command_calls(rc)
-        with_flood = wrk.together(
-            [fg, (f"http://127.0.0.1:{gate_port}/", {"script": flood, "connections": half})],
-            {"nginx": ngx_worker, "app": ag_worker},
-        )
-        flood_calls = calls_since(rc, before)
+        beside_flood = [
+            fg,
+            (f"http://127.0.0.1:{gate_port}/", {"script": flood, "connections": half}),
+        ]
+        valid_runs: list[list[Run]] = []
+        flood_runs: list[list[Run]] = []
+        flood_calls: dict[str, int] = {}
+        for _ in range(PAIRS):  # alternated, as above
+            valid_runs.append(wrk.together(beside_valid, {"nginx": ngx_worker, "app": ag_worker}))
+            before = command_calls(rc)
+            flood_runs.append(wrk.together(beside_flood, {"nginx": ngx_worker, "app": ag_worker}))
+            for k, v in calls_since(rc, before).items():
+                flood_calls[k] = flood_calls.get(k, 0) + v
+        with_valid = [merge([r[i] for r in valid_runs]) for i in range(2)]
+        with_flood = [merge([r[i] for r in flood_runs]) for i in range(2)]
         print(
             f"  valid traffic: {with_flood[0].rps:.0f} req/s beside the flood, "
             f"{with_valid[0].rps:.0f} beside other valid traffic; "
