@@ -19,8 +19,10 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,4 +275,11 @@ async def soak() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(soak()))
+    # The servers' logs and Valkey's directory live here, and go when the run ends.
+    work = tempfile.mkdtemp(prefix="authgate-soak-")
+    os.environ["TMPDIR"] = tempfile.tempdir = work
+    try:
+        code = asyncio.run(soak())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    sys.exit(code)
