@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.cluster_harness import ValkeyNode, start_node
+
 ROOT = Path(__file__).resolve().parent.parent
 PEPPER = "test-pepper-0123456789-abcdefghijklmnopqrstuvwxyz"
 _TMP_ROOT = pytest.StashKey[str]()
@@ -139,6 +141,14 @@ def valkey() -> Iterator[Valkey]:
         yield Valkey(port=port, proc=None, workdir=Path(tempfile.mkdtemp()))
         return
     server = start_valkey()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[ValkeyNode]:
+    """A data node of the module's own, for tests that stop, pause or inspect it."""
+    server = start_node()
     yield server
     server.stop()
 

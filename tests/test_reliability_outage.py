@@ -31,7 +31,6 @@ from tests.cluster_harness import (
     poll,
     proc_children,
     revoke,
-    start_node,
     unknown_token,
 )
 from tests.conftest import AuthgateProcess, base_env, start_authgate
@@ -44,13 +43,6 @@ def tokens(url: str, count: int = 1, **spec: object) -> list[tuple[str, str]]:
     made = create_tokens(url, count, **spec)
     ISSUED.extend(t for t, _ in made)
     return made
-
-
-@pytest.fixture(scope="module")
-def node() -> Iterator[ValkeyNode]:
-    server = start_node()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,6 @@ from tests.cluster_harness import (
     ask,
     create_tokens,
     run_store,
-    start_node,
     unknown_token,
 )
 from tests.conftest import PEPPER, AuthgateProcess, base_env, run_cli, start_authgate
@@ -43,13 +42,6 @@ def issue(url: str, count: int = 1, **spec: Any) -> list[tuple[str, str]]:
     made = create_tokens(url, count, **spec)
     ISSUED.extend(t for t, _ in made)
     return made
-
-
-@pytest.fixture(scope="module")
-def node() -> Iterator[ValkeyNode]:
-    server = start_node()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
