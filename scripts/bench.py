@@ -20,7 +20,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,9 @@ import redis.asyncio as aioredis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import free_port, wait_for_http, wait_for_port  # noqa: E402
 
 from authgate import tokens  # noqa: E402
 from authgate.config import load_settings  # noqa: E402
@@ -45,6 +47,7 @@ PEPPER = "bench-pepper-0123456789-abcdefghijklmnopqrstuvwxyz"
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 PAIRS = 2  # runs of each compared scenario, alternated
 CONNECTIONS = 32
+STARTUP = 20.0  # seconds a started process may take to answer
 ROUNDS = 20  # per lifecycle action, for the enforcement delay
 ROTATE_GRACE = 0.2  # seconds the rotated-out token keeps working in the rotation rounds
 MEMORY_TOKENS = 100_000
@@ -55,35 +58,6 @@ RESULTS = ROOT / "bench-results.json"
 
 
 # -- processes ---------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"port {port} not open after {timeout}s")
-
-
-def wait_for_http(url: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} not ready after {timeout}s")
-
-
 def cpu_seconds(pid: int) -> float:
     """utime + stime of one process, from /proc/<pid>/stat."""
     with open(f"/proc/{pid}/stat") as fh:
@@ -564,7 +538,7 @@ def start_authgate(stack: Stack, env: Mapping[str, str], workers: int = 1) -> tu
     }
     argv = [sys.executable, "-m", "authgate", "serve", "--workers", str(workers)]
     proc = stack.start(argv, "authgate", full)
-    wait_for_http(f"http://127.0.0.1:{port}/readyz")
+    wait_for_http(f"http://127.0.0.1:{port}/readyz", STARTUP)
     return port, workers_of(proc.pid, workers)
 
 
@@ -675,7 +649,7 @@ def main() -> int:
             ],
             "valkey",
         )
-        wait_for_port(vport)
+        wait_for_port(vport, STARTUP)
         url = f"redis://127.0.0.1:{vport}/0"
         rc = redis.Redis.from_url(url)
         env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHGATE_")}
@@ -688,12 +662,12 @@ def main() -> int:
         hello = stack.start(
             [sys.executable, "-c", code + f"bench.run_hello({hello_port})"], "hello"
         )
-        wait_for_http(f"http://127.0.0.1:{hello_port}/")
+        wait_for_http(f"http://127.0.0.1:{hello_port}/", STARTUP)
         limit_port, gate_port = free_port(), free_port()
         conf = write_nginx_conf(work, ag_port, limit_port, gate_port)
         ngx = stack.start([nginx_binary(), "-p", str(work), "-c", str(conf)], "nginx")
-        wait_for_port(limit_port)
-        wait_for_port(gate_port)
+        wait_for_port(limit_port, STARTUP)
+        wait_for_port(gate_port, STARTUP)
         (ngx_worker,) = workers_of(ngx.pid, 1)
 
         token, _ = toks.create()
