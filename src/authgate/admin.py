@@ -1,35 +1,36 @@
-"""The management API on AUTHGATE_ADMIN_LISTEN: tokens and the audit stream over HTTP.
+"""The management API on AUTHGATE_ADMIN_LISTEN: a Starlette app over `manage.Manager`.
 
 Callers present a `management` token as `Authorization: Bearer <token>` or `X-API-Key`.
-Reads need key type `r`, create and rotate `w`, revoke and delete `d`; the token's IP
-allowlist applies to the peer address. Every call and every denial is an audit event that
-names the caller by token id (never by value). Errors have the /auth shape,
-`{"error": {"code", "message", "details"}}`, and are decided here, at the boundary: this app
-never answers 500 and never shows a traceback.
+What each operation needs, tenancy and the audit are the Manager's; this module reads HTTP
+(routes declared once in `ENDPOINTS`, query parameters, a JSON body of at most `MAX_BODY`
+bytes) and writes it: every answer is JSON from orjson with `Cache-Control: no-store`,
+errors have the /auth shape `{"error": {"code", "message", "details"}}` with the status
+`manage.ERRORS` gives the code. This app never answers 500 and never shows a traceback.
 
-`GET /openapi.json` (no token needed) describes all of it; see openapi.py.
+`GET /openapi.json` (no token needed) is generated from `ENDPOINTS` and the attribute table
+(see openapi.py).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
-from prometheus_client import Counter
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
 
 from . import tokens
 from .config import Settings
-from .durations import parse_duration
-from .errors import BackendUnavailable, InvalidInput, NotFound
+from .errors import AuthgateError, InvalidInput, NotFound, Refused, WrongType
+from .manage import DEFAULT_LIMIT, ERRORS, Caller, Manager, code_of
 from .metrics import Metrics
-from .model import KEY_TYPES, ip_allowed, iso, status_of
-from .openapi import ERROR_CODES, LIST_FIELDS, TEXT_FIELDS, document
 from .store import TokenStore
 
 log = logging.getLogger("authgate")
@@ -40,485 +41,183 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 MAX_BODY = 64 * 1024
-# Denials of callers without a recognised management token, written to the audit stream per
-# worker: a burst, then a steady rate. Past that they are counted, not written, so that
-# nobody who can reach the port can push the lifecycle events out of the capped stream.
+MAX_QUERY = 4096  # bytes of query string
+NO_STORE = {"cache-control": "no-store", "x-content-type-options": "nosniff"}
+# The anonymous budget's defaults (`admin_audit_burst`, `admin_audit_rate`), as before.
 ANONYMOUS_AUDIT_BURST = 100
-ANONYMOUS_AUDIT_RATE = 10.0  # events per second
-MAX_LIMIT = 1000
-
-# Operation -> the key_type flag a management token needs for it.
-NEEDS = {
-    "list": "r",
-    "show": "r",
-    "audit": "r",
-    "create": "w",
-    "rotate": "w",
-    "revoke": "d",
-    "delete": "d",
-}
-# Path shape -> {method: operation}. `{id}` matches one segment.
-ROUTES: dict[tuple[str, ...], dict[str, str]] = {
-    ("v1", "tokens"): {"GET": "list", "POST": "create"},
-    ("v1", "tokens", "{id}"): {"GET": "show", "DELETE": "delete"},
-    ("v1", "tokens", "{id}", "revoke"): {"POST": "revoke"},
-    ("v1", "tokens", "{id}", "rotate"): {"POST": "rotate"},
-    ("v1", "audit"): {"GET": "audit"},
-    ("openapi.json",): {"GET": "openapi"},
-}
-# Field names an audit event may repeat; anything else a caller sent is not echoed there.
-_KNOWN_FIELDS = frozenset(
-    {*TEXT_FIELDS, *LIST_FIELDS, "expires_in", "grace", "count", "limit", "status", "body"}
-)
-
-MESSAGES = {
-    "TOKEN_MISSING": "No management token was sent (Authorization: Bearer or X-API-Key).",
-    "TOKEN_MISMATCH": "Authorization and X-API-Key carry different tokens.",
-    "TOKEN_INVALID": "The management token is not valid.",
-    "TOKEN_EXPIRED": "The management token has expired.",
-    "IP_NOT_ALLOWED": "The client address is not allowed for this management token.",
-    "INSUFFICIENT_KEY_TYPE": "The management token's key type does not allow this call.",
-    "UNAVAILABLE": "Token storage is unavailable; try again shortly.",
-}
-
-
-class ApiError(Exception):
-    """An answer other than success. `denial` marks authentication/authorization failures."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str | None = None,
-        *,
-        denial: bool = False,
-        actor: str | None = None,
-        **details: Any,
-    ) -> None:
-        super().__init__(code)
-        assert code in ERROR_CODES
-        self.status = status
-        self.code = code
-        self.message = message or MESSAGES.get(code, code)
-        self.denial = denial
-        self.actor = actor
-        self.details = details
-
-
-class _Disconnected(Exception):
-    """The client went away while sending its body."""
+ANONYMOUS_AUDIT_RATE = 10.0
 
 
 @dataclass(frozen=True, slots=True)
-class Caller:
-    """An authenticated management token."""
+class Param:
+    """A query parameter: its JSON schema and what it means (openapi.py reads these)."""
 
-    id: str
-    display_prefix: str
-    key_type: str
-
-
-@dataclass(slots=True)
-class Call:
-    """One request as the API sees it."""
-
-    scope: Scope
-    receive: Receive
-    operation: str
-    token_id: str | None
-    client: str
-    caller: Caller | None = None
-    presented_prefix: str | None = None
+    name: str
+    schema: dict[str, Any]
+    help: str
 
 
-@dataclass(slots=True)
-class Reply:
-    status: int
-    body: Any
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One operation of the API: where it is served and what it takes and answers."""
+
+    operation: str  # a Manager operation, or "openapi"
+    method: str
+    path: str
+    summary: str
+    params: tuple[Param, ...] = ()
+    body: str | None = None  # components/schemas name of the JSON body
+    body_required: bool = False
+    status: int = 200
+    answer: str = "Token"  # components/schemas name of the answer
+    errors: tuple[str, ...] = ()  # codes besides authentication's and UNAVAILABLE
+
+    @property
+    def operation_id(self) -> str:
+        return {
+            "list": "listTokens",
+            "show": "showToken",
+            "usage": "tokenUsage",
+            "audit": "readAudit",
+            "create": "createToken",
+            "update": "updateToken",
+            "rotate": "rotateToken",
+            "revoke": "revokeToken",
+            "delete": "deleteToken",
+        }.get(self.operation, self.operation)
 
 
-class AdminApp:
-    """The raw ASGI app; `create_admin_app` builds it."""
-
-    def __init__(self, store: TokenStore, settings: Settings, metrics: Metrics) -> None:
-        self.store = store
-        self.settings = settings
-        self.prefix = settings.token_prefix
-        self.requests = Counter(
-            "authgate_admin_requests",
-            "Management API calls by operation and result code (OK when it succeeded)",
-            ["operation", "code"],
-            registry=metrics.registry,
-        )
-        self.suppressed = Counter(
-            "authgate_admin_audit_suppressed",
-            "Denials of callers without a recognised management token left out of the audit "
-            "stream (over the rate limit)",
-            registry=metrics.registry,
-        )
-        self._allowance = float(ANONYMOUS_AUDIT_BURST)
-        self._allowance_at = time.monotonic()
-        self._left_out = 0  # since the last anonymous denial written
-
-    # -- ASGI -------------------------------------------------------------------------------
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        if scope["type"] != "http":
-            return
-        started = False
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.handle(scope, receive, guarded_send)
-        except _Disconnected:
-            return
-        except Exception as exc:  # the boundary: an answer, never a 500 or a traceback
-            log.error("management API: unexpected %s; answering UNAVAILABLE", type(exc).__name__)
-            if not started:
-                await _send_error(send, ApiError(503, "UNAVAILABLE"))
-
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        method: str = scope["method"]
-        operation, token_id, allowed = _match(scope["path"], method)
-        if operation is None:
-            if allowed:
-                error = ApiError(
-                    405, "METHOD_NOT_ALLOWED", "Method not allowed here.", allowed=allowed
-                )
-                self.requests.labels("unknown", error.code).inc()
-                await _send_error(send, error, [(b"allow", ", ".join(allowed).encode())])
-            else:
-                self.requests.labels("unknown", "NOT_FOUND").inc()
-                await _send_error(send, ApiError(404, "NOT_FOUND", "No such endpoint."))
-            return
-        if operation == "openapi":
-            self.requests.labels(operation, "OK").inc()
-            await _send_json(send, 200, document())
-            return
-        client = scope.get("client")
-        call = Call(scope, receive, operation, token_id, client[0] if client else "")
-        try:
-            call.caller = await self.authenticate(call)
-            reply = await getattr(self, "op_" + operation)(call)
-        except ApiError as exc:
-            error = exc
-        except InvalidInput as exc:
-            error = ApiError(422, "INVALID_INPUT", f"{exc.field}: {exc.message}", field=exc.field)
-        except NotFound:
-            known = token_id is not None and tokens.looks_like_id(token_id)
-            error = ApiError(404, "NOT_FOUND", "No token with that id.")
-            if known:  # anything else a caller put there is not repeated back
-                error.details["id"] = token_id
-        except BackendUnavailable as exc:
-            log.warning(
-                "management API: redis unavailable during %s: %s",
-                operation,
-                type(exc.__cause__).__name__,
-            )
-            error = ApiError(503, "UNAVAILABLE")
-        else:
-            self.requests.labels(operation, "OK").inc()
-            await _send_json(send, reply.status, orjson.dumps(reply.body), reply.headers)
-            return
-        self.requests.labels(operation, error.code).inc()
-        await self.audit_failure(call, error)
-        await _send_error(send, error)
-
-    # -- who is calling ----------------------------------------------------------------------
-    async def authenticate(self, call: Call) -> Caller:
-        values: list[bytes] = []
-        for name, value in call.scope["headers"]:
-            if name == b"authorization":
-                scheme, _, rest = value.strip().partition(b" ")
-                if scheme.lower() == b"bearer":
-                    values.append(rest.strip())
-            elif name == b"x-api-key":
-                values.append(value.strip())
-        values = [v for v in values if v]
-        if not values:
-            raise ApiError(401, "TOKEN_MISSING", denial=True)
-        if len(set(values)) > 1:
-            raise ApiError(401, "TOKEN_MISMATCH", denial=True)
-        token = values[0].decode("latin-1")
-        if len(token) > self.settings.max_token_length or not tokens.is_well_formed(
-            token, self.prefix
-        ):
-            raise ApiError(401, "TOKEN_INVALID", denial=True)
-        call.presented_prefix = tokens.display_prefix(token, self.prefix)
-        record = await self.store.record_by_hash(self.store.hash(token))
-        if record is None:
-            raise ApiError(401, "TOKEN_INVALID", denial=True)
-        actor = str(record["id"])
-        if (
-            record.get("kind") != "management"
-            or record.get("environment", "live") != self.settings.environment
-            or record.get("revoked_at") is not None
-        ):
-            raise ApiError(401, "TOKEN_INVALID", denial=True, actor=actor)
-        if status_of(record) == "expired":
-            raise ApiError(
-                401,
-                "TOKEN_EXPIRED",
-                denial=True,
-                actor=actor,
-                expired_at=iso(record.get("expires_at")),
-            )
-        allowlist = record.get("ip_allowlist") or []
-        if allowlist:
-            networks = [ipaddress.ip_network(n, strict=False) for n in allowlist]
-            try:
-                address = ipaddress.ip_address(call.client) if call.client else None
-            except ValueError:
-                address = None
-            if not ip_allowed(networks, address):
-                raise ApiError(
-                    403, "IP_NOT_ALLOWED", denial=True, actor=actor, client_ip=call.client
-                )
-        need = NEEDS[call.operation]
-        key_type = str(record["key_type"])
-        if need not in key_type:
-            raise ApiError(403, "INSUFFICIENT_KEY_TYPE", denial=True, actor=actor, required=need)
-        return Caller(actor, str(record.get("display_prefix", "")), key_type)
-
-    def no_escalation(self, caller: Caller, key_type: Any) -> None:
-        """A management token hands out management tokens only with flags it holds."""
-        if key_type not in KEY_TYPES:
-            return  # validate_spec explains what is wrong with it
-        missing = sorted(set(key_type) - set(caller.key_type) - {"-"})
-        if missing:
-            raise ApiError(
-                403,
-                "INSUFFICIENT_KEY_TYPE",
-                "A management token cannot grant a management token flags it lacks.",
-                denial=True,
-                actor=caller.id,
-                required="".join(missing),
-            )
-
-    # -- operations --------------------------------------------------------------------------
-    async def op_create(self, call: Call) -> Reply:
-        assert call.caller is not None
-        spec = await _read_json(call) or {}
-        _check_types(spec)
-        if isinstance(spec.get("expires_in"), str):
-            spec["expires_in"] = _duration("expires_in", spec["expires_in"])
-        if spec.get("kind") == "management":
-            self.no_escalation(call.caller, spec.get("key_type"))
-        token, view = await self.store.create(spec, call.caller.id)
-        return Reply(201, {"token": token, **view}, _location(view["id"]))
-
-    async def op_list(self, call: Call) -> Reply:
-        assert call.caller is not None
-        params = _params(call, ("org", "project", "status", "limit"))
-        limit = _int_param(params, "limit", MAX_LIMIT)
-        rows = await self.store.list_tokens(
-            org=params.get("org"),
-            project=params.get("project"),
-            status=params.get("status"),
-            limit=limit,
-        )
-        filters = {k: v for k, v in params.items() if k != "limit"}
-        await self.store.audit(
-            "list", call.caller.id, None, {"filters": filters, "count": len(rows)}
-        )
-        return Reply(200, {"tokens": rows})
-
-    async def op_show(self, call: Call) -> Reply:
-        assert call.caller is not None and call.token_id is not None
-        view = await self.store.show(call.token_id)
-        await self.store.audit("show", call.caller.id, view)
-        return Reply(200, view)
-
-    async def op_revoke(self, call: Call) -> Reply:
-        assert call.caller is not None and call.token_id is not None
-        before = await self.store.show(call.token_id)
-        view = await self.store.revoke(call.token_id, call.caller.id)
-        if before["revoked_at"] is not None:  # the store writes no event for a no-op
-            await self.store.audit("revoke", call.caller.id, view, {"already_revoked": True})
-        return Reply(200, view)
-
-    async def op_rotate(self, call: Call) -> Reply:
-        assert call.caller is not None and call.token_id is not None
-        body = await _read_json(call) or {}
-        unknown = sorted(set(body) - {"grace"})
-        if unknown:
-            raise InvalidInput(unknown[0], "is not a rotate option (only grace)")
-        grace = body.get("grace", 0)
-        if isinstance(grace, str):
-            grace = _duration("grace", grace)
-        elif not isinstance(grace, int | float) or isinstance(grace, bool):
-            raise _wrong_type("grace", "a duration string or a number of seconds")
-        target = await self.store.show(call.token_id)
-        if target["kind"] == "management":
-            self.no_escalation(call.caller, target["key_type"])
-        token, view = await self.store.rotate(call.token_id, float(grace), call.caller.id)
-        return Reply(201, {"token": token, **view}, _location(view["id"]))
-
-    async def op_delete(self, call: Call) -> Reply:
-        assert call.caller is not None and call.token_id is not None
-        return Reply(200, await self.store.delete(call.token_id, call.caller.id))
-
-    async def op_audit(self, call: Call) -> Reply:
-        assert call.caller is not None
-        params = _params(call, ("count",))
-        count = _int_param(params, "count", 50)
-        events = await self.store.audit_events(count)
-        await self.store.audit("audit", call.caller.id, None, {"count": count})
-        return Reply(200, {"events": events})
-
-    # -- audit of failures -------------------------------------------------------------------
-    async def audit_failure(self, call: Call, error: ApiError) -> None:
-        """`denied` when the caller was not let in, `rejected` when its call failed."""
-        actor = call.caller.id if call.caller is not None else error.actor or "anonymous"
-        detail: dict[str, Any] = {
-            "operation": call.operation,
-            "method": call.scope["method"],
-            "code": error.code,
-            "status": error.status,
-            "client_ip": call.client,
-        }
-        if error.denial and call.caller is None and call.presented_prefix and not error.actor:
-            detail["presented_prefix"] = call.presented_prefix
-        for key in ("required", "field"):
-            if key in error.details:
-                value = error.details[key]
-                detail[key] = value if key != "field" or value in _KNOWN_FIELDS else "(unknown)"
-        target = None
-        if call.token_id is not None and tokens.looks_like_id(call.token_id):
-            target = {"id": call.token_id, "display_prefix": ""}
-        action = "denied" if error.denial else "rejected"
-        if call.caller is None:
-            if not self._anonymous_allowed():
-                self._left_out += 1
-                self.suppressed.inc()
-                return
-            if self._left_out:
-                detail["suppressed_before"] = self._left_out  # left out since the last one
-                self._left_out = 0
-        try:
-            await self.store.audit(action, actor, target, detail)
-        except BackendUnavailable:
-            log.warning("management API: could not write the %s audit event", action)
-
-    def _anonymous_allowed(self) -> bool:
-        now = time.monotonic()
-        self._allowance = min(
-            float(ANONYMOUS_AUDIT_BURST),
-            self._allowance + (now - self._allowance_at) * ANONYMOUS_AUDIT_RATE,
-        )
-        self._allowance_at = now
-        if self._allowance < 1.0:
-            return False
-        self._allowance -= 1.0
-        return True
+def _int(most: int, default: int) -> dict[str, Any]:
+    return {"type": "integer", "minimum": 1, "maximum": most, "default": default}
 
 
-def create_admin_app(store: TokenStore, settings: Settings, metrics: Metrics) -> AdminApp:
-    """The ASGI app for AUTHGATE_ADMIN_LISTEN."""
-    return AdminApp(store, settings, metrics)
+LIST_PARAMS = (
+    Param("org", {"type": "string"}, "Only this org."),
+    Param("project", {"type": "string"}, "Only this project."),
+    Param(
+        "status",
+        {"type": "string", "enum": ["active", "disabled", "expiring", "expired", "revoked"]},
+        "Only tokens in this state (`expiring`: active, expiring within 7 days).",
+    ),
+    Param("name", {"type": "string", "maxLength": 100}, "Only names starting with this."),
+    Param("limit", _int(1000, DEFAULT_LIMIT), "At most this many tokens."),
+    Param(
+        "cursor",
+        {"type": "string", "maxLength": 200},
+        "`next_cursor` of the previous page (same filters).",
+    ),
+)  # fmt: skip
+_FOUND = ("NOT_FOUND",)
+_WRITE = ("BAD_REQUEST", "INVALID_INPUT", "EXCEEDS_CALLER", "RATE_LIMITED")
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint(
+        "list", "GET", "/v1/tokens",
+        "The caller's tokens, newest first, a page at a time (never their values). Needs `r`.",
+        LIST_PARAMS, answer="TokenList", errors=("BAD_REQUEST", "INVALID_INPUT"),
+    ),
+    Endpoint(
+        "create", "POST", "/v1/tokens",
+        "Create a token inside the caller's scope, at most as powerful as the caller; its "
+        "value is in this response only. Needs `w`.",
+        body="TokenSpec", body_required=True, status=201, answer="CreatedToken",
+        errors=(*_WRITE, "SCOPE_MISMATCH"),
+    ),
+    Endpoint(
+        "show", "GET", "/v1/tokens/{id}", "One token, with its usage totals. Needs `r`.",
+        errors=_FOUND,
+    ),
+    Endpoint(
+        "update", "PATCH", "/v1/tokens/{id}",
+        "Change name, description, permissions, ip_allowlist, app_ids, expires_at or "
+        "enabled; every instance enforces it within 100 ms. Needs `w`.",
+        body="TokenPatch", body_required=True, errors=(*_FOUND, *_WRITE),
+    ),
+    Endpoint(
+        "delete", "DELETE", "/v1/tokens/{id}",
+        "Delete for good; it stops working at once. Needs `d`.",
+        errors=(*_FOUND, "EXCEEDS_CALLER", "RATE_LIMITED"),
+    ),
+    Endpoint(
+        "revoke", "POST", "/v1/tokens/{id}/revoke", "Revoke now (idempotent). Needs `d`.",
+        errors=(*_FOUND, "EXCEEDS_CALLER", "RATE_LIMITED"),
+    ),
+    Endpoint(
+        "rotate", "POST", "/v1/tokens/{id}/rotate",
+        "Issue a new token with the same attributes; the old one keeps working for `grace`, "
+        "then expires. Needs `w`.",
+        body="RotateRequest", status=201, answer="CreatedToken", errors=(*_FOUND, *_WRITE),
+    ),
+    Endpoint(
+        "usage", "GET", "/v1/tokens/{id}/usage",
+        "Requests per UTC day: allowed, denied by code, last client address. Needs `r`.",
+        (Param("days", _int(90, 30), "How many days, today included."),),
+        answer="Usage", errors=(*_FOUND, "BAD_REQUEST", "INVALID_INPUT"),
+    ),
+    Endpoint(
+        "audit", "GET", "/v1/audit", "Audit events, newest first. Needs `r`.",
+        (Param("count", _int(1000, 50), "How many events."),),
+        answer="AuditList", errors=("BAD_REQUEST", "INVALID_INPUT"),
+    ),
+    Endpoint("openapi", "GET", "/openapi.json", "This document. No token needed.", answer=""),
+)  # fmt: skip
+# Path shape -> {method: operation}, derived from ENDPOINTS (`{id}` is one segment).
+ROUTES: dict[tuple[str, ...], dict[str, str]] = {}
+for _e in ENDPOINTS:
+    ROUTES.setdefault(tuple(_e.path.split("/")[1:]), {})[_e.method] = _e.operation
 
 
-# -- helpers ----------------------------------------------------------------------------------
-def _match(path: str, method: str) -> tuple[str | None, str | None, list[str]]:
-    """(operation, token id, methods allowed on this path); operation None when no match."""
-    segments = tuple(path.split("/")[1:])
-    token_id = None
-    if len(segments) in (3, 4) and segments[:2] == ("v1", "tokens") and segments[2]:
-        token_id = segments[2]
-        segments = ("v1", "tokens", "{id}", *segments[3:])
-    methods = ROUTES.get(segments)
-    if methods is None:
-        return None, None, []
-    operation = methods.get(method)
-    return operation, token_id, sorted(methods) if operation is None else []
+class JSONAnswer(Response):
+    """A JSON answer from orjson that no cache keeps."""
+
+    media_type = "application/json"
+
+    def __init__(
+        self, content: Any, status_code: int = 200, headers: dict[str, str] | None = None
+    ) -> None:
+        body = content if isinstance(content, bytes) else orjson.dumps(content)
+        super().__init__(body, status_code, {**NO_STORE, **(headers or {})})
 
 
-def _location(token_id: str) -> list[tuple[bytes, bytes]]:
-    return [(b"location", f"/v1/tokens/{token_id}".encode())]
+def error_answer(
+    code: str, message: str | None = None, headers: dict[str, str] | None = None, **details: Any
+) -> JSONAnswer:
+    status, default, _ = ERRORS[code]
+    extra = dict(headers or {})
+    if status == 401:
+        extra["www-authenticate"] = 'Bearer realm="authgate"'
+    body = {"error": {"code": code, "message": message or default, "details": details}}
+    return JSONAnswer(body, status, extra)
 
 
-def _wrong_type(name: str, expected: str) -> ApiError:
-    return ApiError(
-        400, "BAD_REQUEST", f"{name}: must be {expected}.", field=name, expected=expected
-    )
+# -- reading a request ------------------------------------------------------------------------
+def credentials(request: Request) -> list[str]:
+    """Every token value the caller sent (Bearer and X-API-Key), for `Manager.authenticate`."""
+    values: list[str] = []
+    for name, value in request.scope["headers"]:
+        if name == b"authorization":
+            scheme, _, rest = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer":
+                values.append(rest.strip().decode("latin-1"))
+        elif name == b"x-api-key":
+            values.append(value.strip().decode("latin-1"))
+    return values
 
 
-def _duration(name: str, text: str) -> float:
+def params(request: Request, allowed: Sequence[Param]) -> dict[str, str]:
+    """The query parameters, each at most once, only those the endpoint declares."""
+    query: bytes = request.scope.get("query_string", b"")
+    if len(query) > MAX_QUERY:
+        raise Refused("BAD_REQUEST", f"The query string is longer than {MAX_QUERY} bytes.")
+    names = [p.name for p in allowed]
     try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise InvalidInput(name, str(exc)) from None
-
-
-def _check_types(spec: dict[str, Any]) -> None:
-    """JSON types of the create body: a wrong type is a BAD_REQUEST naming the field."""
-    for name, value in spec.items():
-        if value is None:
-            continue
-        if name in TEXT_FIELDS and not isinstance(value, str):
-            raise _wrong_type(name, "a string")
-        if name in LIST_FIELDS and not (
-            isinstance(value, str)
-            or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-        ):
-            raise _wrong_type(name, "an array of strings")
-        if name == "expires_in" and (
-            not isinstance(value, str | int | float) or isinstance(value, bool)
-        ):
-            raise _wrong_type(name, "a duration string or a number of seconds")
-
-
-async def _read_json(call: Call) -> dict[str, Any] | None:
-    """The request body as a JSON object (None when empty), at most MAX_BODY bytes."""
-    too_large = ApiError(
-        400, "BAD_REQUEST", f"The body is larger than {MAX_BODY} bytes.", limit=MAX_BODY
-    )
-    for name, value in call.scope["headers"]:
-        if name == b"content-length" and (not value.isdigit() or int(value) > MAX_BODY):
-            raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await call.receive()
-        if message["type"] == "http.disconnect":
-            raise _Disconnected
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise too_large
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    raw = b"".join(chunks)
-    if not raw.strip():
-        return None
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise ApiError(400, "BAD_REQUEST", "The body is not valid JSON.") from None
-    if not isinstance(value, dict):
-        raise ApiError(400, "BAD_REQUEST", "The body must be a JSON object.")
-    return value
-
-
-def _params(call: Call, allowed: tuple[str, ...]) -> dict[str, str]:
-    query = call.scope.get("query_string", b"").decode("latin-1")
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True, max_num_fields=20)
+        pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True, max_num_fields=20)
     except ValueError:
-        raise ApiError(400, "BAD_REQUEST", "Too many query parameters.") from None
+        raise Refused("BAD_REQUEST", "Too many query parameters.") from None
     out: dict[str, str] = {}
     for key, value in pairs:
-        if key not in allowed:
-            raise InvalidInput(key, f"is not a query parameter here ({', '.join(allowed)})")
+        if key not in names:
+            hint = f" ({', '.join(names)})" if names else ""
+            raise InvalidInput(key, f"is not a query parameter here{hint}")
         if key in out:
             raise InvalidInput(key, "may be given only once")
         if value:
@@ -526,41 +225,200 @@ def _params(call: Call, allowed: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def _int_param(params: dict[str, str], name: str, default: int) -> int:
-    text = params.get(name)
+def whole(values: dict[str, str], name: str, default: int) -> int:
+    text = values.pop(name, None)
     if text is None:
         return default
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
-        raise InvalidInput(name, f"must be a whole number from 1 to {MAX_LIMIT}")
+    if not text.isdigit() or len(text) > 6:
+        raise InvalidInput(name, "must be a whole number")
     return int(text)
 
 
-async def _send_json(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"cache-control", b"no-store"),
-                (b"x-content-type-options", b"nosniff"),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+async def json_body(request: Request) -> dict[str, Any] | None:
+    """The body as a JSON object (None when empty), at most MAX_BODY bytes."""
+    too_large = Refused("BAD_REQUEST", f"The body is larger than {MAX_BODY} bytes.", limit=MAX_BODY)
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise too_large
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        return None
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise Refused("BAD_REQUEST", "The body is not valid JSON.") from None
+    if not isinstance(value, dict):
+        raise Refused("BAD_REQUEST", "The body must be a JSON object.")
+    return value
 
 
-async def _send_error(
-    send: Send, error: ApiError, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    body = orjson.dumps(
-        {"error": {"code": error.code, "message": error.message, "details": error.details}}
+# -- the endpoints ----------------------------------------------------------------------------
+async def _call(
+    manager: Manager, endpoint: Endpoint, caller: Caller, request: Request, token_id: str | None
+) -> Any:
+    """Read the endpoint's arguments and run its operation."""
+    op = endpoint.operation
+    try:
+        query = params(request, endpoint.params)
+        body = await json_body(request) if endpoint.method in ("POST", "PATCH") else None
+        if op == "list":
+            limit = whole(query, "limit", DEFAULT_LIMIT)
+            cursor = query.pop("cursor", None)
+            args: tuple[Any, ...] = (query, cursor, limit)
+        elif op == "usage":
+            args = (whole(query, "days", 30),)
+        elif op == "audit":
+            args = (whole(query, "count", 50),)
+        elif op == "create":
+            args = (body or {},)
+        elif op in ("update", "rotate"):
+            args = (body or {},)
+        else:
+            args = ()
+    except ClientDisconnect:
+        raise
+    except AuthgateError as exc:
+        await manager.failed(caller, op, exc, token_id)
+        raise
+    method = getattr(manager, op)
+    if token_id is not None:
+        return await method(caller, token_id, *args)
+    return await method(caller, *args)
+
+
+def _endpoint(manager: Manager, endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+    if endpoint.operation == "openapi":
+        from .openapi import document
+
+        async def openapi(request: Request) -> Response:
+            manager.count("openapi", "OK")
+            return JSONAnswer(document())
+
+        return openapi
+
+    async def handle(request: Request) -> Response:
+        token_id = request.path_params.get("id")
+        client = request.client.host if request.client else ""
+        caller = await manager.authenticate(credentials(request), client, endpoint.operation)
+        result = await _call(manager, endpoint, caller, request, token_id)
+        headers = {}
+        if endpoint.status == 201:
+            headers["location"] = f"/v1/tokens/{result['id']}"
+        return JSONAnswer(result, endpoint.status, headers)
+
+    return handle
+
+
+# -- errors -----------------------------------------------------------------------------------
+async def _authgate_error(request: Request, exc: Exception) -> Response:
+    code = code_of(exc)
+    if isinstance(exc, Refused):
+        headers = {}
+        if code == "RATE_LIMITED":
+            headers["retry-after"] = str(
+                max(1, round(float(str(exc.details.get("retry_after", 1)))))
+            )
+        return error_answer(code, exc.message, headers, **exc.details)
+    if isinstance(exc, WrongType):
+        return error_answer(
+            code, f"{exc.field}: {exc.message}.", field=exc.field, expected=exc.expected
+        )
+    if isinstance(exc, InvalidInput):
+        return error_answer(code, f"{exc.field}: {exc.message}", field=exc.field)
+    if isinstance(exc, NotFound):
+        token_id = request.path_params.get("id", "")
+        if tokens.looks_like_id(token_id):  # anything else a caller put there is not repeated
+            return error_answer(code, id=token_id)
+        return error_answer(code)
+    log.warning("management API: redis unavailable: %s", type(exc.__cause__).__name__)
+    return error_answer("UNAVAILABLE")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    manager: Manager = request.app.state.manager
+    if exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow", "")
+        manager.count("unknown", "METHOD_NOT_ALLOWED")
+        methods = [m.strip() for m in allow.split(",") if m.strip()]
+        return error_answer("METHOD_NOT_ALLOWED", headers={"allow": allow}, allowed=methods)
+    manager.count("unknown", "NOT_FOUND")
+    return error_answer("NOT_FOUND", "No such endpoint.")
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.error("management API: unexpected %s; answering UNAVAILABLE", type(exc).__name__)
+    return error_answer("UNAVAILABLE")
+
+
+async def _disconnected(request: Request, exc: Exception) -> Response:
+    return Response(b"", 400)  # nobody is listening any more
+
+
+def _by_method(
+    handlers: dict[str, Callable[[Request], Awaitable[Response]]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """One route per path, so a 405 names every method the path allows."""
+
+    async def dispatch(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await handlers[method](request)
+
+    return dispatch
+
+
+class AdminApp:
+    """The ASGI app: the Starlette app inside a last guard (no traceback, no 500)."""
+
+    def __init__(self, app: Starlette, manager: Manager) -> None:
+        self.app = app
+        self.manager = manager
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":
+            return
+        try:
+            await self.app(scope, receive, send)
+        except Exception as exc:  # answered already by `_unexpected`; only log it
+            log.debug("management API: %s after the answer", type(exc).__name__)
+
+
+def create_admin_app(
+    store: TokenStore,
+    settings: Settings,
+    metrics: Metrics,
+    *,
+    routes: Sequence[BaseRoute] = (),
+) -> AdminApp:
+    """The ASGI app for AUTHGATE_ADMIN_LISTEN. `routes` are served beside the API (the web
+    console); they find the Manager at `request.app.state.manager`."""
+    manager = Manager(store, settings, metrics)
+    by_path: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {}
+    for e in ENDPOINTS:
+        by_path.setdefault(e.path, {})[e.method] = _endpoint(manager, e)
+    api: list[BaseRoute] = [
+        Route(path, _by_method(handlers), methods=list(handlers))
+        for path, handlers in by_path.items()
+    ]
+    app = Starlette(
+        routes=[*api, *routes],
+        exception_handlers={
+            AuthgateError: _authgate_error,
+            HTTPException: _http_error,
+            ClientDisconnect: _disconnected,
+            Exception: _unexpected,
+        },
     )
-    extra = list(headers or [])
-    if error.status == 401:
-        extra.append((b"www-authenticate", b'Bearer realm="authgate"'))
-    await _send_json(send, error.status, body, extra)
+    app.router.redirect_slashes = False
+    app.state.manager = manager
+    return AdminApp(app, manager)

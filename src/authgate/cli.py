@@ -10,17 +10,36 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
 import orjson
 
-from . import __version__
-from .durations import parse_duration
+from . import __version__, tokens
 from .errors import BackendUnavailable, ConfigError, InvalidInput, NotFound
+from .manage import LIST_STATUSES
+from .model import (
+    ATTRIBUTE_TABLE,
+    BY_NAME,
+    MAX_EXPIRY,
+    PATCHABLE,
+    Attribute,
+    duration,
+    parse_time,
+    validate_patch,
+)
+from .store import HISTORY_DAYS, MAX_GRACE
 
 # Options whose values may start with '-' (key types are written `-w-`, `--d`).
 _DASH_VALUES = ("--key-type",)
+DISPLAY = (  # what `token show` prints, in this order; empty values are left out
+    "id", "display_prefix", "name", "description", "status", "enabled", "kind", "key_type",
+    "roles", "org", "project", "space", "feature", "user_id", "permissions", "ip_allowlist",
+    "app_ids", "environment", "created_at", "created_by", "updated_at", "updated_by",
+    "expires_at", "revoked_at", "rotated_from", "rotated_to", "last_used_at",
+    "last_client_ip", "request_count",
+)  # fmt: skip
 
 
 def _fix_dash_values(argv: list[str]) -> list[str]:
@@ -37,11 +56,62 @@ def _fix_dash_values(argv: list[str]) -> list[str]:
     return out
 
 
-def _duration(text: str) -> float:
+def _duration(field: str, most: float) -> Callable[[str], float]:
+    """An argparse type: a duration that carries its unit (`--grace 24` is refused)."""
+
+    def parse(text: str) -> float:
+        try:
+            return duration(field, text, most=most)
+        except InvalidInput as exc:
+            raise argparse.ArgumentTypeError(f"{exc.message} (30s, 15m, 24h, 30d)") from None
+
+    return parse
+
+
+def _time(text: str) -> str:
     try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        parse_time("expires_at", text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    return text
+
+
+def _token_id(text: str) -> str:
+    """A token id argument; a display prefix or a token value is told what an id is."""
+    if tokens.looks_like_id(text):
+        return text
+    if text.startswith("tok_"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token id (tok_ + 26 characters)")
+    raise argparse.ArgumentTypeError(
+        "a token id starts with tok_ (a display prefix such as min_8Hoi or a token value is "
+        "not an id; `authgate token list` shows the ids)"
+    )
+
+
+def _add_attribute(parser: argparse.ArgumentParser, attr: Attribute, *, update: bool) -> None:
+    """A CLI option for one attribute, from the attribute table."""
+    dest = attr.name
+    if attr.kind == "list":
+        what = "comma list, repeatable" + ("; replaces the list, '' empties it" if update else "")
+        parser.add_argument(attr.flag, dest=dest, action="append", default=None,
+                            help=f"{attr.help} ({what})")  # fmt: skip
+    elif attr.kind == "time":
+        parser.add_argument(attr.flag, dest=dest, type=_time, default=None,
+                            help="ISO 8601 with a zone, e.g. 2027-01-31T00:00:00Z")  # fmt: skip
+    elif attr.kind == "choice":
+        metavar = attr.name.upper()
+        parser.add_argument(attr.flag, dest=dest, required=attr.required and not update,
+                            metavar=metavar, default=None,
+                            help=f"{attr.help} ({', '.join(attr.choices)})")  # fmt: skip
+    elif attr.kind == "bool":
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument("--enable", dest=dest, action="store_const", const=True,
+                           default=None, help="enable the token again")  # fmt: skip
+        group.add_argument("--disable", dest=dest, action="store_const", const=False,
+                           help="refuse the token (TOKEN_DISABLED) until enabled")  # fmt: skip
+    else:
+        parser.add_argument(attr.flag, dest=dest, required=attr.required and not update,
+                            default=None, help=attr.help)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,56 +130,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes (default: AUTHGATE_WORKERS or 1)",
     )
 
-    t = sub.add_parser("token", help="create, list, show, revoke, rotate or delete tokens")
+    t = sub.add_parser(
+        "token", help="create, list, show, update, rotate, revoke, delete tokens; usage"
+    )
     tsub = t.add_subparsers(dest="action", required=True, metavar="ACTION")
     c = tsub.add_parser("create", help="create a token and print it once")
-    c.add_argument("--name", required=True)
-    c.add_argument("--description", default="")
-    c.add_argument("--org", required=True)
-    c.add_argument("--project", required=True)
-    c.add_argument(
-        "--key-type", required=True, metavar="KEY_TYPE", help="r--, -w-, --d, rw-, r-d, -wd or rwd"
-    )
-    c.add_argument(
-        "--roles",
-        action="append",
-        default=[],
-        help="comma list; admin opens System APIs (repeatable)",
-    )
-    c.add_argument("--space", default="")
-    c.add_argument("--feature", default="")
-    c.add_argument("--user-id", default="")
-    c.add_argument(
-        "--permissions",
-        action="append",
-        default=[],
-        help="scopes such as read:assets (comma list, repeatable)",
-    )
-    c.add_argument(
-        "--ip", action="append", default=[], help="allowed address or CIDR (comma list, repeatable)"
-    )
-    c.add_argument("--app-id", action="append", default=[], help="bind to shared app ids")
-    c.add_argument("--expires-in", type=_duration, default=None, help="e.g. 30d, 12h")
-    c.add_argument("--kind", choices=("query", "management"), default="query")
+    for attr in ATTRIBUTE_TABLE:
+        if attr.create:
+            _add_attribute(c, attr, update=False)
+    c.add_argument("--expires-in", type=_duration("expires_in", MAX_EXPIRY), default=None,
+                   help="a duration with a unit: 12h, 30d")  # fmt: skip
     c.add_argument("--json", action="store_true", help="print one JSON object")
 
-    ls = tsub.add_parser("list", help="list tokens (never shows secrets)")
+    u = tsub.add_parser("update", help="change a token's patchable attributes")
+    u.add_argument("id", type=_token_id)
+    for attr in ATTRIBUTE_TABLE:
+        if attr.patch:
+            _add_attribute(u, attr, update=True)
+    expiry = u.add_mutually_exclusive_group()
+    expiry.add_argument("--expires-in", type=_duration("expires_in", MAX_EXPIRY), default=None,
+                        help="a duration with a unit from now: 12h, 30d")  # fmt: skip
+    expiry.add_argument("--no-expiry", action="store_true", help="never expire")
+    u.add_argument("--json", action="store_true")
+
+    ls = tsub.add_parser("list", help="list tokens, newest first (never shows secrets)")
     ls.add_argument("--org")
     ls.add_argument("--project")
-    ls.add_argument("--status", choices=("active", "revoked", "expired"))
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--status", choices=LIST_STATUSES)
+    ls.add_argument("--name", help="names starting with this (any case)")
+    ls.add_argument("--json", action="store_true", help="print one JSON array of every token")
     for name, helptext in (
         ("show", "show one token"),
         ("revoke", "revoke now"),
         ("delete", "delete for good"),
     ):
         x = tsub.add_parser(name, help=helptext)
-        x.add_argument("id")
+        x.add_argument("id", type=_token_id)
         x.add_argument("--json", action="store_true")
     r = tsub.add_parser("rotate", help="issue a new token; the old one works for --grace")
-    r.add_argument("id")
-    r.add_argument("--grace", type=_duration, default=0.0, help="e.g. 24h (default 0)")
+    r.add_argument("id", type=_token_id)
+    r.add_argument("--grace", type=_duration("grace", MAX_GRACE), default=0.0,
+                   help="a duration with a unit, e.g. 24h (default 0s)")  # fmt: skip
     r.add_argument("--json", action="store_true")
+    us = tsub.add_parser("usage", help="requests per UTC day: allowed, denied by code")
+    us.add_argument("id", type=_token_id)
+    us.add_argument("--days", type=int, default=30, help=f"1 to {HISTORY_DAYS} (default 30)")
+    us.add_argument("--json", action="store_true")
 
     a = sub.add_parser("audit", help="read the audit stream, newest first")
     a.add_argument("--count", type=int, default=50)
@@ -131,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _flat(values: list[str]) -> list[str]:
-    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+def _flat(values: list[str] | None) -> list[str]:
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
 
 
 def _actor() -> str:
@@ -148,39 +214,18 @@ def _print(obj: Any) -> None:
 
 
 def _human_token(view: dict[str, Any]) -> None:
-    keys = (
-        "id",
-        "display_prefix",
-        "name",
-        "status",
-        "kind",
-        "key_type",
-        "roles",
-        "org",
-        "project",
-        "space",
-        "feature",
-        "user_id",
-        "permissions",
-        "ip_allowlist",
-        "app_ids",
-        "environment",
-        "created_at",
-        "created_by",
-        "expires_at",
-        "revoked_at",
-        "last_used_at",
-        "request_count",
-        "rotated_from",
-        "rotated_to",
-    )
-    for key in keys:
+    for key in DISPLAY:
         value = view.get(key)
-        if value in (None, "", []):
+        if value in (None, "", []) or (key == "enabled" and value is True):
             continue
         if isinstance(value, list):
             value = ", ".join(value)
         print(f"{key + ':':16} {value}")
+
+
+def _shown_once(token: str) -> None:
+    print(f"token:           {token}")
+    print("                 (shown once: store it now, it cannot be retrieved later)")
 
 
 async def _with_store(fn: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
@@ -196,59 +241,111 @@ async def _with_store(fn: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
         await redis.aclose()
 
 
+def _spec(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    """The attributes given on the command line (lists flattened, unset ones left out)."""
+    out: dict[str, Any] = {}
+    for name in names:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        out[name] = _flat(value) if BY_NAME[name].kind == "list" else value
+    return out
+
+
+async def _all_tokens(store: Any, filters: dict[str, str]) -> list[dict[str, Any]]:
+    """Every token matching `filters`, newest first, a page at a time."""
+    from .manage import check_filters, matcher
+
+    matches = matcher(check_filters(filters), time.time())
+    out: list[dict[str, Any]] = []
+    position = None
+    while True:
+        page, position = await store.page(after=position, limit=500, keep=matches)
+        out.extend(page)
+        if position is None:
+            return out
+
+
+def _when(value: str | None) -> str:
+    return "never" if value is None else value[:16].replace("T", " ")
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     action = args.action
     if action == "create":
-        spec = {
-            "name": args.name,
-            "description": args.description,
-            "kind": args.kind,
-            "key_type": args.key_type,
-            "roles": _flat(args.roles),
-            "org": args.org,
-            "project": args.project,
-            "space": args.space,
-            "feature": args.feature,
-            "user_id": args.user_id,
-            "permissions": _flat(args.permissions),
-            "ip_allowlist": _flat(args.ip),
-            "app_ids": _flat(args.app_id),
-            "expires_in": args.expires_in,
-        }
+        spec = _spec(args, [a.name for a in ATTRIBUTE_TABLE if a.create])
+        if args.expires_in is not None:
+            spec["expires_in"] = args.expires_in
         token, view = asyncio.run(_with_store(lambda s: s.create(spec, _actor())))
         if args.json:
             _print({"token": token, **view})
         else:
-            print(f"token:           {token}")
-            print("                 (shown once: store it now, it cannot be retrieved later)")
+            _shown_once(token)
+            _human_token(view)
+        return 0
+    if action == "update":
+        patch = _spec(args, list(PATCHABLE))
+        if args.expires_in is not None:
+            patch["expires_in"] = args.expires_in
+        if args.no_expiry:
+            patch["expires_at"] = None
+        changes = validate_patch(patch)
+        view = asyncio.run(_with_store(lambda s: s.update(args.id, changes, _actor())))
+        if args.json:
+            _print(view)
+        else:
+            print(f"updated {view['id']} ({view['display_prefix']})")
             _human_token(view)
         return 0
     if action == "list":
-        rows = asyncio.run(
-            _with_store(
-                lambda s: s.list_tokens(org=args.org, project=args.project, status=args.status)
-            )
-        )
+        filters = {k: getattr(args, k) for k in ("org", "project", "status", "name")}
+        rows = asyncio.run(_with_store(lambda s: _all_tokens(s, filters)))
         if args.json:
             _print(rows)
         else:
-            print(f"{'ID':30}  {'PREFIX':14} {'STATUS':8} {'TYPE':4} {'ORG/PROJECT':24} NAME")
+            print(
+                f"{'ID':30}  {'PREFIX':12} {'STATUS':9} {'EXPIRES':16}  {'TYPE':4} "
+                f"{'ORG/PROJECT':24} NAME"
+            )
             for v in rows:
                 scope = f"{v['org']}/{v['project']}"
+                status = v["status"] + ("*" if v.get("rotated_to") else "")
                 print(
-                    f"{v['id']:30}  {v['display_prefix']:14} {v['status']:8} "
-                    f"{v['key_type']:4} {scope:24} {v['name']}"
+                    f"{v['id']:30}  {v['display_prefix']:12} {status:9} "
+                    f"{_when(v['expires_at']):16}  {v['key_type']:4} {scope:24} {v['name']}"
                 )
+            if any(v.get("rotated_to") for v in rows):
+                print("* rotated: works until its expiry (the grace period), then expires")
         return 0
     if action == "rotate":
         token, view = asyncio.run(_with_store(lambda s: s.rotate(args.id, args.grace, _actor())))
         if args.json:
             _print({"token": token, **view})
         else:
-            print(f"token:           {token}")
-            print("                 (shown once: store it now, it cannot be retrieved later)")
+            _shown_once(token)
             print(f"{args.id} keeps working for {args.grace:g}s, then expires.")
             _human_token(view)
+        return 0
+    if action == "usage":
+        if not 1 <= args.days <= HISTORY_DAYS:
+            raise InvalidInput("--days", f"must be a whole number from 1 to {HISTORY_DAYS}")
+
+        async def usage(store: Any) -> dict[str, Any]:
+            await store.load(args.id)  # NotFound for an unknown id
+            return {"id": args.id, "days": await store.usage_history(args.id, args.days)}
+
+        result = asyncio.run(_with_store(usage))
+        if args.json:
+            _print(result)
+        else:
+            print(f"{'DATE':10}  {'ALLOWED':>8}  {'DENIED':>7}  {'LAST CLIENT':16} BY CODE")
+            for day in result["days"]:
+                denied = sum(day["denied"].values())
+                codes = ", ".join(f"{c} {n}" for c, n in day["denied"].items())
+                print(
+                    f"{day['date']:10}  {day['allowed']:>8}  {denied:>7}  "
+                    f"{day['last_client_ip'] or '-':16} {codes}"
+                )
         return 0
     op = {
         "show": lambda s: s.show(args.id),

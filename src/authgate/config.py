@@ -101,6 +101,8 @@ class Settings:
     stale_window: float = 60.0
     redis_timeout: float = 0.25
     audit_maxlen: int = 100_000
+    admin_audit_burst: int = 100  # audit events one management caller may write at once
+    admin_audit_rate: int = 10  # … and per second after that (per worker)
     usage_flush_interval: float = 1.0
     key_prefix: str = "authgate"
     metrics_dir: str | None = None
@@ -197,6 +199,8 @@ _KEYS: dict[str, str] = {
     "stale_window": "duration",
     "redis_timeout": "duration",
     "audit_maxlen": "int",
+    "admin_audit_burst": "int",
+    "admin_audit_rate": "int",
     "usage_flush_interval": "duration",
     "key_prefix": "str",
     "metrics_dir": "str",

@@ -26,3 +26,24 @@ class NotFound(AuthgateError):
 
 class BackendUnavailable(AuthgateError):
     """Redis could not be reached or did not answer in time."""
+
+
+class WrongType(InvalidInput):
+    """A field of a request has the wrong JSON type (a number for a string, …)."""
+
+    def __init__(self, field: str, expected: str) -> None:
+        super().__init__(field, f"must be {expected}")
+        self.expected = expected
+
+
+class Refused(AuthgateError):
+    """A management call that is not allowed: who is calling, or what it asks for.
+
+    `code` names a row of the management API's error table (`manage.ERRORS`), which gives
+    the status; `details` go to the caller as they are (never a token value)."""
+
+    def __init__(self, code: str, message: str | None = None, **details: object) -> None:
+        super().__init__(code)
+        self.code = code
+        self.message = message
+        self.details = details

@@ -1,7 +1,9 @@
 """The OpenAPI 3.1 document of the management API, served at `GET /openapi.json`.
 
-Kept next to the code it describes: `admin.py` checks request bodies against the same
-field lists, and the tests validate every response the API gives against these schemas.
+Generated, not written: the paths from `admin.ENDPOINTS` (method, path, query parameters,
+body, answer, error codes), the token schemas from the attribute table
+(`model.ATTRIBUTE_TABLE`), the error codes and statuses from `manage.ERRORS`. The tests
+validate the document and every answer the API gives against it.
 """
 
 from __future__ import annotations
@@ -12,171 +14,162 @@ from typing import Any
 import orjson
 
 from . import __version__
-from .model import KEY_TYPES, KINDS, MAX_LIST
+from .admin import ENDPOINTS, Endpoint
+from .manage import ERRORS, LIST_STATUSES
+from .model import (
+    ATTRIBUTE_TABLE,
+    EXPIRES_IN_HELP,
+    KEY_TYPES,
+    MAX_LIST,
+    STATUSES,
+    WILDCARD,
+    Attribute,
+)
+from .usage import TOKEN_DENIALS
 
-DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d|w)?\s*$"
+DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d|w)\s*$"  # a unit is required
 TOKEN_ID_PATTERN = r"^tok_[0-9A-HJKMNP-TV-Z]{26}$"
-ERROR_CODES = (
+ERROR_CODES = tuple(ERRORS)
+# Codes any authenticated endpoint may answer.
+AUTH_CODES = (
     "TOKEN_MISSING",
     "TOKEN_MISMATCH",
     "TOKEN_INVALID",
     "TOKEN_EXPIRED",
+    "TOKEN_DISABLED",
     "IP_NOT_ALLOWED",
     "INSUFFICIENT_KEY_TYPE",
-    "NOT_FOUND",
-    "METHOD_NOT_ALLOWED",
-    "INVALID_INPUT",
-    "BAD_REQUEST",
     "UNAVAILABLE",
 )
-
-# Fields of a create body by JSON type; admin.py enforces these before model.validate_spec.
-TEXT_FIELDS = (
-    "name",
-    "description",
-    "kind",
-    "key_type",
-    "org",
-    "project",
-    "space",
-    "feature",
-    "user_id",
-    "expires_at",
-)
-LIST_FIELDS = ("roles", "permissions", "ip_allowlist", "app_ids")
 
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _response(description: str, schema: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": _ref(schema)}},
-        **extra,
-    }
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    if "enum" in schema:
+        schema = {**schema, "enum": [*schema["enum"], None]}
+    kind = schema.get("type")
+    if isinstance(kind, str):
+        return {**schema, "type": [kind, "null"]}
+    if isinstance(kind, list):
+        return {**schema, "type": [*kind, "null"]}
+    return {"anyOf": [schema, {"type": "null"}]}
 
 
-def _errors(*names: str) -> dict[str, Any]:
-    status = {
-        "BadRequest": "400",
-        "Unauthorized": "401",
-        "Forbidden": "403",
-        "NotFound": "404",
-        "InvalidInput": "422",
-        "Unavailable": "503",
-    }
-    return {status[n]: {"$ref": f"#/components/responses/{n}"} for n in names}
+# -- attributes -------------------------------------------------------------------------------
+def _pattern(attr: Attribute) -> str:
+    assert attr.pattern is not None
+    inner = attr.pattern.pattern.removeprefix("^").removesuffix("$")
+    if attr.wildcard:
+        return rf"^(\{WILDCARD}|{inner})$"
+    return f"^{inner}$"
 
 
-_AUTH_ERRORS = ("Unauthorized", "Forbidden", "Unavailable")
-_IDENT = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"}
-_OPTIONAL_IDENT = {**_IDENT, "type": ["string", "null"]}
-_LIST = {
-    "type": ["array", "string", "null"],
-    "items": {"type": "string"},
-    "maxItems": MAX_LIST,
-    "description": "An array of strings, or one comma-separated string.",
+def input_schema(attr: Attribute) -> dict[str, Any]:
+    """What a caller may send for `attr` (create or PATCH)."""
+    if attr.kind == "text":
+        schema: dict[str, Any] = {"type": "string", "maxLength": attr.limit}
+        if attr.required:
+            schema["minLength"] = 1
+    elif attr.kind == "ident":
+        schema = {"type": "string", "pattern": _pattern(attr)}
+    elif attr.kind == "choice":
+        if attr.name == "key_type":
+            schema = _ref("KeyType")
+        else:
+            schema = {"type": "string", "enum": list(attr.choices)}
+    elif attr.kind == "list":
+        schema = {
+            "type": ["array", "string"],
+            "items": {"type": "string"},
+            "maxItems": MAX_LIST,
+            "description": "An array of strings, or one comma-separated string.",
+        }
+    elif attr.kind == "time":
+        schema = {"type": "string", "format": "date-time"}
+    else:
+        schema = {"type": "boolean"}
+    if "$ref" in schema:
+        schema = {"allOf": [schema]}
+    if attr.kind != "bool" and not attr.required:
+        schema = _nullable(schema)
+    extra = schema.pop("description", "")
+    return {**schema, "description": f"{attr.help} {extra}".strip()}
+
+
+def output_schema(attr: Attribute) -> dict[str, Any]:
+    """How a token's view shows `attr`."""
+    if attr.kind == "list":
+        return {"type": "array", "items": {"type": "string"}}
+    if attr.kind == "time":
+        return {"type": ["string", "null"], "format": "date-time"}
+    if attr.kind == "bool":
+        return {"type": "boolean"}
+    if attr.kind == "choice":
+        return {"type": "string", "enum": list(attr.choices)}
+    return {"type": "string"}
+
+
+_EXPIRES_IN = {
+    "description": EXPIRES_IN_HELP,
+    "type": ["string", "null"],
+    "pattern": DURATION_PATTERN,
 }
 _TIME = {"type": ["string", "null"], "format": "date-time"}
 
 
 def _schemas() -> dict[str, Any]:
-    key_type = {
-        "type": "string",
-        "enum": list(KEY_TYPES),
-        "description": "r = GET/HEAD/OPTIONS, w = POST/PUT/PATCH, d = DELETE. `---` is refused.",
-    }
+    spec_attrs = [a for a in ATTRIBUTE_TABLE if a.create]
+    patch_attrs = [a for a in ATTRIBUTE_TABLE if a.patch]
     token_spec = {
         "type": "object",
         "additionalProperties": False,
-        "required": ["name", "org", "project", "key_type"],
+        "required": [a.name for a in spec_attrs if a.required],
         "properties": {
-            "name": {"type": "string", "minLength": 1, "maxLength": 100},
-            "description": {"type": ["string", "null"], "maxLength": 500},
-            "kind": {"type": ["string", "null"], "enum": [*KINDS, None], "default": "query"},
-            "key_type": _ref("KeyType"),
-            "roles": {**_LIST, "description": "`admin` opens the System APIs."},
-            "org": _IDENT,
-            "project": _IDENT,
-            "space": _OPTIONAL_IDENT,
-            "feature": _OPTIONAL_IDENT,
-            "user_id": {"type": ["string", "null"], "maxLength": 128},
-            "permissions": {**_LIST, "description": "Scopes such as `read:assets`."},
-            "ip_allowlist": {**_LIST, "description": "IPv4/IPv6 addresses and CIDRs."},
-            "app_ids": {**_LIST, "description": "Shared apps this token is bound to."},
-            "expires_in": {
-                "description": "A duration (`90s`, `12h`, `30d`) or seconds; at most 10 years.",
-                "oneOf": [
-                    {"type": "string", "pattern": DURATION_PATTERN},
-                    {"type": "number", "exclusiveMinimum": 0, "maximum": 10 * 365 * 86400},
-                    {"type": "null"},
-                ],
-            },
-            "expires_at": {
-                **_TIME,
-                "description": "ISO 8601 with a time zone; not with expires_in.",
-            },
+            **{a.name: input_schema(a) for a in spec_attrs},
+            "expires_in": _EXPIRES_IN,
         },
     }
-    strings = {"type": "array", "items": {"type": "string"}}
+    token_patch = {
+        "type": "object",
+        "additionalProperties": False,
+        "minProperties": 1,
+        "description": "Only these attributes change; the value, kind, key type, roles and "
+        "scope never do. Nothing may exceed what the caller could create.",
+        "properties": {
+            **{a.name: input_schema(a) for a in patch_attrs},
+            "expires_in": _EXPIRES_IN,
+        },
+    }
+    token_id = {"type": "string", "pattern": TOKEN_ID_PATTERN}
     token = {
         "type": "object",
         "description": "A token's public view: never its value or hash.",
         "required": [
-            "id",
-            "display_prefix",
-            "name",
-            "description",
-            "kind",
-            "key_type",
-            "roles",
-            "org",
-            "project",
-            "space",
-            "feature",
-            "user_id",
-            "permissions",
-            "ip_allowlist",
-            "app_ids",
-            "environment",
-            "created_at",
-            "created_by",
-            "expires_at",
-            "revoked_at",
-            "last_used_at",
-            "request_count",
-            "status",
+            "id", "display_prefix", *(a.name for a in ATTRIBUTE_TABLE), "environment",
+            "created_at", "created_by", "updated_at", "revoked_at", "last_used_at",
+            "last_client_ip", "request_count", "status",
         ],
         "properties": {
-            "id": {"type": "string", "pattern": TOKEN_ID_PATTERN},
+            "id": token_id,
             "display_prefix": {"type": "string", "description": "Prefix + 4 characters."},
-            "name": {"type": "string"},
-            "description": {"type": "string"},
-            "kind": {"type": "string", "enum": list(KINDS)},
-            "key_type": _ref("KeyType"),
-            "roles": strings,
-            "org": {"type": "string"},
-            "project": {"type": "string"},
-            "space": {"type": "string"},
-            "feature": {"type": "string"},
-            "user_id": {"type": "string"},
-            "permissions": strings,
-            "ip_allowlist": strings,
-            "app_ids": strings,
+            **{a.name: output_schema(a) for a in ATTRIBUTE_TABLE},
             "environment": {"type": "string", "enum": ["live", "test"]},
             "created_at": {"type": "string", "format": "date-time"},
             "created_by": {"type": "string", "description": "Management token id or CLI user."},
-            "expires_at": _TIME,
+            "updated_at": _TIME,
+            "updated_by": {"type": "string"},
             "revoked_at": _TIME,
             "last_used_at": _TIME,
+            "last_client_ip": {"type": ["string", "null"]},
             "request_count": {"type": "integer", "minimum": 0},
-            "status": {"type": "string", "enum": ["active", "revoked", "expired"]},
-            "rotated_from": {"type": "string", "pattern": TOKEN_ID_PATTERN},
-            "rotated_to": {"type": "string", "pattern": TOKEN_ID_PATTERN},
+            "status": {"type": "string", "enum": list(STATUSES)},
+            "rotated_from": token_id,
+            "rotated_to": token_id,
         },
-    }
+    }  # fmt: skip
     created = {
         "allOf": [
             _ref("Token"),
@@ -197,12 +190,45 @@ def _schemas() -> dict[str, Any]:
         "additionalProperties": False,
         "properties": {
             "grace": {
-                "description": "How long the old token keeps working (default 0, at most 30d).",
-                "oneOf": [
-                    {"type": "string", "pattern": DURATION_PATTERN},
-                    {"type": "number", "minimum": 0, "maximum": 30 * 86400},
-                ],
+                "description": "How long the old token keeps working, with a unit (default "
+                "0s, at most 30d).",
+                "type": "string",
+                "pattern": DURATION_PATTERN,
             }
+        },
+    }
+    counts = {
+        "type": "object",
+        "propertyNames": {"enum": list(TOKEN_DENIALS)},
+        "additionalProperties": {"type": "integer", "minimum": 0},
+    }
+    day = {
+        "type": "object",
+        "required": ["date", "allowed", "denied", "last_client_ip"],
+        "properties": {
+            "date": {"type": "string", "format": "date"},
+            "allowed": {"type": "integer", "minimum": 0},
+            "denied": counts,
+            "last_client_ip": {"type": ["string", "null"]},
+        },
+    }
+    usage = {
+        "type": "object",
+        "required": ["id", "days", "totals"],
+        "properties": {
+            "id": token_id,
+            "days": {"type": "array", "items": _ref("UsageDay")},
+            "totals": {
+                "type": "object",
+                "required": ["allowed", "denied", "request_count", "last_used_at"],
+                "properties": {
+                    "allowed": {"type": "integer", "minimum": 0},
+                    "denied": counts,
+                    "request_count": {"type": "integer", "minimum": 0},
+                    "last_used_at": _TIME,
+                    "last_client_ip": {"type": ["string", "null"]},
+                },
+            },
         },
     }
     audit_event = {
@@ -213,9 +239,9 @@ def _schemas() -> dict[str, Any]:
             "time": _TIME,
             "action": {
                 "type": ["string", "null"],
-                "description": "create, revoke, rotate, delete, show, list, audit, "
-                "denied (authentication or authorization failed) or rejected "
-                "(an authenticated call that failed).",
+                "description": "create, update (detail.fields names what changed), revoke, "
+                "rotate, delete, denied (the caller was not let in or not allowed) or "
+                "rejected (its input was refused).",
             },
             "actor": {"type": ["string", "null"]},
             "token_id": {"type": ["string", "null"]},
@@ -233,22 +259,39 @@ def _schemas() -> dict[str, Any]:
                 "properties": {
                     "code": {"type": "string", "enum": list(ERROR_CODES)},
                     "message": {"type": "string"},
-                    "details": {"type": "object"},
+                    "details": {
+                        "type": "object",
+                        "description": "`field` names the input at fault.",
+                    },
                 },
             }
         },
     }
     return {
-        "KeyType": key_type,
+        "KeyType": {
+            "type": "string",
+            "enum": list(KEY_TYPES),
+            "description": "r = GET/HEAD/OPTIONS, w = POST/PUT/PATCH, d = DELETE. `---` is "
+            "refused.",
+        },
         "TokenSpec": token_spec,
+        "TokenPatch": token_patch,
         "Token": token,
         "CreatedToken": created,
         "TokenList": {
             "type": "object",
-            "required": ["tokens"],
-            "properties": {"tokens": {"type": "array", "items": _ref("Token")}},
+            "required": ["tokens", "next_cursor"],
+            "properties": {
+                "tokens": {"type": "array", "items": _ref("Token")},
+                "next_cursor": {
+                    "type": ["string", "null"],
+                    "description": "Pass as `cursor` for the next page; null at the end.",
+                },
+            },
         },
         "RotateRequest": rotate,
+        "UsageDay": day,
+        "Usage": usage,
         "AuditEvent": audit_event,
         "AuditList": {
             "type": "object",
@@ -259,167 +302,90 @@ def _schemas() -> dict[str, Any]:
     }
 
 
-def _responses() -> dict[str, Any]:
-    return {
-        "BadRequest": _response(
-            "BAD_REQUEST: the body is not a JSON object, is too large, or a field or query "
-            "parameter has the wrong type.",
-            "Error",
-        ),
-        "Unauthorized": _response(
-            "TOKEN_MISSING, TOKEN_MISMATCH, TOKEN_INVALID (unknown, revoked, not a management "
-            "token, other environment) or TOKEN_EXPIRED.",
-            "Error",
-            headers={"WWW-Authenticate": {"schema": {"type": "string"}}},
-        ),
-        "Forbidden": _response(
-            "IP_NOT_ALLOWED, or INSUFFICIENT_KEY_TYPE (details.required names the flag).",
-            "Error",
-        ),
-        "NotFound": _response("NOT_FOUND: no token with that id.", "Error"),
-        "InvalidInput": _response(
-            "INVALID_INPUT: details.field names the attribute at fault. Nothing was written.",
-            "Error",
-        ),
-        "Unavailable": _response("UNAVAILABLE: Redis cannot be reached; retry.", "Error"),
+# -- paths ------------------------------------------------------------------------------------
+def _error_responses(endpoint: Endpoint) -> dict[str, Any]:
+    codes = [*AUTH_CODES, *endpoint.errors]
+    by_status: dict[int, list[str]] = {}
+    for code in ERRORS:
+        if code in codes:
+            by_status.setdefault(ERRORS[code][0], []).append(code)
+    out: dict[str, Any] = {}
+    for status in sorted(by_status):
+        names = by_status[status]
+        answer: dict[str, Any] = {
+            "description": ", ".join(names) + ". " + " ".join(ERRORS[n][1] for n in names[:1]),
+            "content": {"application/json": {"schema": _ref("Error")}},
+        }
+        if status == 401:
+            answer["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+        if status == 429:
+            answer["headers"] = {
+                "Retry-After": {"schema": {"type": "integer"}, "description": "Seconds."}
+            }
+        out[str(status)] = answer
+    return out
+
+
+def _operation(endpoint: Endpoint) -> dict[str, Any]:
+    if endpoint.operation == "openapi":
+        return {
+            "operationId": "openapi",
+            "summary": endpoint.summary,
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "OpenAPI 3.1",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            },
+        }
+    ok: dict[str, Any] = {
+        "description": endpoint.summary.split(";")[0].split(". Needs")[0] + ".",
+        "content": {"application/json": {"schema": _ref(endpoint.answer)}},
     }
-
-
-def _token_id() -> dict[str, Any]:
-    return {
-        "name": "id",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string", "pattern": TOKEN_ID_PATTERN},
+    if endpoint.status == 201:
+        ok["headers"] = {
+            "Location": {"schema": {"type": "string"}, "description": "/v1/tokens/{id}"}
+        }
+    operation: dict[str, Any] = {
+        "operationId": endpoint.operation_id,
+        "summary": endpoint.summary,
+        "responses": {str(endpoint.status): ok, **_error_responses(endpoint)},
     }
-
-
-def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "schema": schema,
-        "description": description,
-    }
-
-
-def _created(description: str) -> dict[str, Any]:
-    return _response(
-        description,
-        "CreatedToken",
-        headers={"Location": {"schema": {"type": "string"}, "description": "/v1/tokens/{id}"}},
-    )
+    if endpoint.params:
+        operation["parameters"] = [
+            {
+                "name": p.name,
+                "in": "query",
+                "required": False,
+                "schema": p.schema,
+                "description": p.help,
+            }
+            for p in endpoint.params
+        ]
+    if endpoint.body is not None:
+        operation["requestBody"] = {
+            "required": endpoint.body_required,
+            "content": {"application/json": {"schema": _ref(endpoint.body)}},
+        }
+    return operation
 
 
 def _paths() -> dict[str, Any]:
-    limit = {"type": "integer", "minimum": 1, "maximum": 1000}
-    return {
-        "/v1/tokens": {
-            "get": {
-                "operationId": "listTokens",
-                "summary": "List tokens (never their values). Needs `r`.",
-                "parameters": [
-                    _query("org", {"type": "string"}, "Only this org."),
-                    _query("project", {"type": "string"}, "Only this project."),
-                    _query(
-                        "status",
-                        {"type": "string", "enum": ["active", "revoked", "expired"]},
-                        "Only tokens in this state.",
-                    ),
-                    _query("limit", {**limit, "default": 1000}, "At most this many."),
-                ],
-                "responses": {
-                    "200": _response("Tokens, oldest first.", "TokenList"),
-                    **_errors("BadRequest", *_AUTH_ERRORS, "InvalidInput"),
-                },
-            },
-            "post": {
-                "operationId": "createToken",
-                "summary": "Create a token; its value is in this response only. Needs `w`.",
-                "description": "A management token may create management tokens only with "
-                "flags it holds itself.",
-                "requestBody": {
+    paths: dict[str, Any] = {}
+    for endpoint in ENDPOINTS:
+        item = paths.setdefault(endpoint.path, {})
+        if "{id}" in endpoint.path and "parameters" not in item:
+            item["parameters"] = [
+                {
+                    "name": "id",
+                    "in": "path",
                     "required": True,
-                    "content": {"application/json": {"schema": _ref("TokenSpec")}},
-                },
-                "responses": {
-                    "201": _created("Created."),
-                    **_errors("BadRequest", *_AUTH_ERRORS, "InvalidInput"),
-                },
-            },
-        },
-        "/v1/tokens/{id}": {
-            "parameters": [_token_id()],
-            "get": {
-                "operationId": "showToken",
-                "summary": "One token, with its usage. Needs `r`.",
-                "responses": {
-                    "200": _response("The token.", "Token"),
-                    **_errors(*_AUTH_ERRORS, "NotFound"),
-                },
-            },
-            "delete": {
-                "operationId": "deleteToken",
-                "summary": "Delete for good; it stops working at once. Needs `d`.",
-                "responses": {
-                    "200": _response("The token as it was.", "Token"),
-                    **_errors(*_AUTH_ERRORS, "NotFound"),
-                },
-            },
-        },
-        "/v1/tokens/{id}/revoke": {
-            "parameters": [_token_id()],
-            "post": {
-                "operationId": "revokeToken",
-                "summary": "Revoke now (idempotent). Needs `d`.",
-                "responses": {
-                    "200": _response("The revoked token.", "Token"),
-                    **_errors(*_AUTH_ERRORS, "NotFound"),
-                },
-            },
-        },
-        "/v1/tokens/{id}/rotate": {
-            "parameters": [_token_id()],
-            "post": {
-                "operationId": "rotateToken",
-                "summary": "Issue a new token with the same attributes. Needs `w`.",
-                "description": "The old token keeps working for `grace`, then expires.",
-                "requestBody": {
-                    "required": False,
-                    "content": {"application/json": {"schema": _ref("RotateRequest")}},
-                },
-                "responses": {
-                    "201": _created("The new token."),
-                    **_errors("BadRequest", *_AUTH_ERRORS, "NotFound", "InvalidInput"),
-                },
-            },
-        },
-        "/v1/audit": {
-            "get": {
-                "operationId": "readAudit",
-                "summary": "Audit events, newest first. Needs `r`.",
-                "parameters": [_query("count", {**limit, "default": 50}, "How many events.")],
-                "responses": {
-                    "200": _response("Events.", "AuditList"),
-                    **_errors("BadRequest", *_AUTH_ERRORS, "InvalidInput"),
-                },
-            },
-        },
-        "/openapi.json": {
-            "get": {
-                "operationId": "openapi",
-                "summary": "This document. No token needed.",
-                "security": [],
-                "responses": {
-                    "200": {
-                        "description": "OpenAPI 3.1",
-                        "content": {"application/json": {"schema": {"type": "object"}}},
-                    }
-                },
-            }
-        },
-    }
+                    "schema": {"type": "string", "pattern": TOKEN_ID_PATTERN},
+                }
+            ]
+        item[endpoint.method.lower()] = _operation(endpoint)
+    return paths
 
 
 def build() -> dict[str, Any]:
@@ -429,10 +395,13 @@ def build() -> dict[str, Any]:
         "info": {
             "title": "authgate management API",
             "version": __version__,
-            "description": "Create, list, show, revoke, rotate and delete API tokens, and read "
-            "the audit stream. Authenticate with a `management` token as "
+            "description": "Create, list, show, change, rotate, revoke and delete API tokens, "
+            "read their usage and the audit stream. Authenticate with a `management` token as "
             "`Authorization: Bearer <token>` or `X-API-Key: <token>`: reads need key type "
-            "`r`, create and rotate `w`, revoke and delete `d`. Errors are "
+            "`r`, create, update and rotate `w`, revoke and delete `d`. A management token "
+            f"sees only the tokens of its org and project (`{WILDCARD}`: all); others are "
+            "404. What it creates or changes is never more powerful than itself. List "
+            f"statuses: {', '.join(LIST_STATUSES)}. Errors are "
             '`{"error": {"code", "message", "details"}}`.',
             "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
         },
@@ -440,7 +409,6 @@ def build() -> dict[str, Any]:
         "paths": _paths(),
         "components": {
             "schemas": _schemas(),
-            "responses": _responses(),
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
