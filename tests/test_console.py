@@ -62,7 +62,7 @@ def root_token(server: AuthgateProcess) -> str:
     """The environment's bootstrap management token (org `*`)."""
     made = mint(
         server, "--name", "root", "--org", "*", "--project", "*", "--key-type", "rwd",
-        "--kind", "management",
+        "--kind", "management", "--roles", "admin", "--permissions", "read:assets",
     )  # fmt: skip
     return str(made["token"])
 
@@ -94,6 +94,7 @@ class Console:
         self.base = f"{ag.admin_url}/console"
         self.context = browser.new_context()
         self.page = self.context.new_page()
+        self.page.set_default_timeout(10_000)
         self.csp_errors: list[str] = []
         self.page.on(
             "console",
@@ -127,6 +128,9 @@ class Console:
             else:
                 self.page.get_by_label(labels[name], exact=True).fill(value)
         self.page.get_by_test_id("create").click()
+        self.page.wait_for_load_state()
+        if self.page.get_by_test_id("error").count():
+            raise AssertionError(self.page.get_by_test_id("error").inner_text())
         value = self.page.get_by_test_id("new-token").inner_text().strip()
         link = self.page.get_by_role("link", name=re.compile(r"^Go to "))
         token_id = (link.get_attribute("href") or "").rsplit("/", 1)[-1]

@@ -156,4 +156,10 @@ def create_app() -> WorkerApp:
         from .admin import create_admin_app
 
         admin = create_admin_app(runtime.store, settings, runtime.metrics)
+        if settings.console:
+            from .console import console_mount
+
+            admin.app.router.routes.append(
+                console_mount(admin.manager, runtime.redis, settings)
+            )
     return WorkerApp(runtime, admin)

@@ -108,6 +108,8 @@ class Settings:
     metrics_dir: str | None = None
     log_level: str = "info"
     max_token_length: int = 256
+    console: bool = True  # the web console at /console/ on the management listener
+    console_session_ttl: float = 3600.0  # how long a console sign-in lasts
 
     @property
     def environment(self) -> str:
@@ -205,6 +207,8 @@ _KEYS: dict[str, str] = {
     "key_prefix": "str",
     "metrics_dir": "str",
     "log_level": "level",
+    "console": "bool",
+    "console_session_ttl": "duration",
 }
 
 
@@ -228,6 +232,14 @@ def _convert(name: str, kind: str, raw: Any) -> Any:
             return parse_duration(raw)
         except ValueError as exc:
             raise ConfigError(f"{name}: {exc}") from None
+    if kind == "bool":
+        if isinstance(raw, str) and raw.strip().lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(raw, str) and raw.strip().lower() in ("false", "0", "no", "off"):
+            return False
+        if isinstance(raw, bool):
+            return raw
+        raise ConfigError(f"{name}: must be true or false, got {raw!r}")
     if kind == "listen":
         if not isinstance(raw, str):
             raise ConfigError(f"{name}: must be HOST:PORT")

@@ -26,6 +26,7 @@ import base64
 import hmac
 import ipaddress
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -106,6 +107,7 @@ MAX_AUDIT = 1000
 ANONYMOUS = "anonymous"
 _BUDGETS_KEPT = 10_000  # callers whose budget is remembered (least recently used dropped)
 _CURSOR_INFO = b"authgate management list cursor v1"
+_STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,33 +237,51 @@ class Manager:
                 raise Refused("TOKEN_INVALID")
             presented = tokens.display_prefix(token, self.prefix)
             record = await self.store.record_by_hash(self.store.hash(token))
-            if record is None:
-                raise Refused("TOKEN_INVALID")
-            actor = str(record["id"])
-            if (
-                record.get("kind") != "management"
-                or record.get("environment", "live") != self.settings.environment
-                or record.get("revoked_at") is not None
-            ):
-                raise Refused("TOKEN_INVALID")
-            status = status_of(record)
-            if status == "expired":
-                raise Refused("TOKEN_EXPIRED", expired_at=iso(record.get("expires_at")))
-            if status == "disabled":
-                raise Refused("TOKEN_DISABLED")
-            allowlist = record.get("ip_allowlist") or []
-            if allowlist:
-                networks = [ipaddress.ip_network(n, strict=False) for n in allowlist]
-                try:
-                    address = ipaddress.ip_address(client_ip) if client_ip else None
-                except ValueError:
-                    address = None
-                if not ip_allowed(networks, address):
-                    raise Refused("IP_NOT_ALLOWED", client_ip=client_ip)
+            actor = None if record is None else str(record["id"])
+            self._admit(record, client_ip)
         except (Refused, BackendUnavailable) as exc:
             await self._failed(actor, presented, operation, exc, None, client_ip)
             raise
-        return Caller(actor, str(record.get("display_prefix", "")), record, client_ip)
+        assert record is not None
+        return Caller(str(record["id"]), str(record.get("display_prefix", "")), record, client_ip)
+
+    async def authenticate_hash(self, digest: str, client_ip: str, operation: str) -> Caller:
+        """`authenticate` for a front end that remembers a signed-in token by its HMAC (the
+        console's session), so the value itself is never kept: the same checks, every call."""
+        record = await self.store.record_by_hash(digest)
+        try:
+            self._admit(record, client_ip)
+        except Refused as exc:
+            actor = None if record is None else str(record["id"])
+            await self._failed(actor, None, operation, exc, None, client_ip)
+            raise
+        assert record is not None
+        return Caller(str(record["id"]), str(record.get("display_prefix", "")), record, client_ip)
+
+    def _admit(self, record: Mapping[str, Any] | None, client_ip: str) -> None:
+        """Refused unless `record` is a management token valid here, now, from `client_ip`."""
+        if record is None:
+            raise Refused("TOKEN_INVALID")
+        if (
+            record.get("kind") != "management"
+            or record.get("environment", "live") != self.settings.environment
+            or record.get("revoked_at") is not None
+        ):
+            raise Refused("TOKEN_INVALID")
+        status = status_of(record)
+        if status == "expired":
+            raise Refused("TOKEN_EXPIRED", expired_at=iso(record.get("expires_at")))
+        if status == "disabled":
+            raise Refused("TOKEN_DISABLED")
+        allowlist = record.get("ip_allowlist") or []
+        if allowlist:
+            networks = [ipaddress.ip_network(n, strict=False) for n in allowlist]
+            try:
+                address = ipaddress.ip_address(client_ip) if client_ip else None
+            except ValueError:
+                address = None
+            if not ip_allowed(networks, address):
+                raise Refused("IP_NOT_ALLOWED", client_ip=client_ip)
 
     def require(self, caller: Caller, operation: str) -> None:
         """Refused INSUFFICIENT_KEY_TYPE unless the caller's key type has the flag."""
@@ -323,11 +343,33 @@ class Manager:
         }
 
     @_operation("audit")
-    async def audit(self, caller: Caller, count: int = 50) -> dict[str, Any]:
-        """`{"events": [...]}`, newest first. Every event of the environment: the audit is
-        the operators' record, read with `r`."""
+    async def audit(
+        self,
+        caller: Caller,
+        count: int = 50,
+        *,
+        before: str | None = None,
+        token_id: str | None = None,
+    ) -> dict[str, Any]:
+        """`{"events": [...], "next_cursor": str | None}`, newest first: the events this
+        caller may see. An environment token (org `*`) sees every event; a scoped one, the
+        events about tokens inside its scope and its own calls. `before` is a
+        `next_cursor`; `token_id` keeps one token's events."""
         _check_count("count", count, MAX_AUDIT)
-        return {"events": await self.store.audit_events(count)}
+        if before is not None and not _STREAM_ID.fullmatch(str(before)):
+            raise InvalidInput("cursor", "is not an audit cursor")
+        everything = caller.record.get("org") == "*" and caller.record.get("project") == "*"
+
+        def keep(event: Mapping[str, Any]) -> bool:
+            if token_id is not None and event.get("token_id") != token_id:
+                return False
+            if everything or event.get("actor") == caller.id:
+                return True
+            scope = event.get("scope")
+            return bool(scope) and in_scope(caller.record, scope)
+
+        events, next_cursor = await self.store.audit_page(count, before, keep)
+        return {"events": events, "next_cursor": next_cursor}
 
     # -- changes -----------------------------------------------------------------------------
     @_operation("create")

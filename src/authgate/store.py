@@ -37,6 +37,8 @@ BUCKET_DAYS = 10
 HISTORY_DAYS = 90
 MAX_GRACE = 30 * 86400.0
 SCAN_BATCH = 200  # ids read per round trip while listing
+AUDIT_SCAN = 5000  # audit events read at most for one page
+_SCOPE_FIELDS = ("org", "project", "space")
 # Set `KEYS[1]` to ARGV[2] only if it still holds ARGV[1]: 1 when it did, else 0.
 _CAS = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -461,29 +463,48 @@ class TokenStore:
             "display_prefix": "" if record is None else record.get("display_prefix", ""),
             "detail": orjson.dumps(detail or {}),
         }
+        if record is not None and "org" in record:
+            # Where the token lives, so a scoped reader of the audit sees its tenant's events.
+            fields["scope"] = orjson.dumps({k: record.get(k) or "" for k in _SCOPE_FIELDS})
         async with mapped_errors():
             await self.redis.xadd(
                 self.audit_key, fields, maxlen=self.settings.audit_maxlen, approximate=True
             )
 
     async def audit_events(self, count: int = 50) -> list[dict[str, Any]]:
-        async with mapped_errors():
-            rows = await self.redis.xrevrange(self.audit_key, count=count)
-        out = []
-        for entry_id, fields in rows:
-            f = {k.decode(): v.decode() for k, v in fields.items()}
-            out.append(
-                {
-                    "event_id": entry_id.decode(),
-                    "time": _iso_from_text(f.get("ts", "0")),
-                    "action": f.get("action"),
-                    "actor": f.get("actor"),
-                    "token_id": f.get("token_id") or None,
-                    "display_prefix": f.get("display_prefix") or None,
-                    "detail": orjson.loads(f.get("detail") or "{}"),
-                }
-            )
-        return out
+        events, _ = await self.audit_page(count, None, lambda _event: True)
+        return events
+
+    async def audit_page(
+        self,
+        count: int,
+        before: str | None,
+        keep: Callable[[Mapping[str, Any]], bool],
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Up to `count` events that `keep`, newest first, older than the event id `before`;
+        and the id to continue from (None at the end). Reads at most AUDIT_SCAN events a call,
+        so a reader whose events are rare gets a short page and a cursor, not a long stall."""
+        out: list[dict[str, Any]] = []
+        top = "+" if before is None else "(" + before
+        scanned = 0
+        last: str | None = None
+        while len(out) < count and scanned < AUDIT_SCAN:
+            async with mapped_errors():
+                rows = await self.redis.xrevrange(self.audit_key, max=top, count=200)
+            if not rows:
+                return out, None
+            for entry_id, fields in rows:
+                scanned += 1
+                last = entry_id.decode()
+                event = _event(last, fields)
+                if keep(event):
+                    out.append(event)
+                    if len(out) == count:
+                        break
+            top = "(" + (last or "")
+            if len(rows) < 200 and len(out) < count:
+                return out, None
+        return out, last
 
     async def _publish(self, digest: str) -> None:
         async with mapped_errors():
@@ -510,3 +531,17 @@ def _iso_from_text(ts: str) -> str | None:
         return iso(float(ts))
     except ValueError:
         return None
+
+
+def _event(entry_id: str, raw: Mapping[bytes, bytes]) -> dict[str, Any]:
+    f = {k.decode(): v.decode() for k, v in raw.items()}
+    return {
+        "event_id": entry_id,
+        "time": _iso_from_text(f.get("ts", "0")),
+        "action": f.get("action"),
+        "actor": f.get("actor"),
+        "token_id": f.get("token_id") or None,
+        "display_prefix": f.get("display_prefix") or None,
+        "scope": orjson.loads(f["scope"]) if f.get("scope") else None,
+        "detail": orjson.loads(f.get("detail") or "{}"),
+    }

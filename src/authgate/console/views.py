@@ -115,9 +115,31 @@ Handler = Callable[[Request, Console, Session, ConsoleCaller], Awaitable[Respons
 
 
 def secure(response: Response, request: Request) -> Response:
-    for name, value in SECURITY_HEADERS.items():
-        response.headers[name] = value
+    """The response as it is; `SecurityHeaders` adds the headers to every console answer
+    (static files and Starlette's own errors included)."""
     return response
+
+
+class SecurityHeaders:
+    """ASGI middleware: SECURITY_HEADERS on every response of the wrapped app."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._headers = [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        names = {name for name, _ in self._headers}
+
+        async def with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
+                message["headers"] = [*kept, *self._headers]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 def client_ip(request: Request) -> str:

@@ -1,0 +1,175 @@
+"""What the console's pages ask of the management plane, in the pages' terms.
+
+A thin layer over `manage.Manager`: it turns the service's answers into what a template
+shows and its errors into `ServiceError` (status, code, message, field), so every rule —
+key type, tenancy, no growth, the audit budget — stays in one place, the Manager.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import AuthgateError, InvalidInput, Refused
+from ..manage import ERRORS, Caller, Manager, code_of
+from ..model import KEY_TYPES
+
+
+class ServiceError(Exception):
+    """An error to show in a page: the management API's code and message."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(code)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+    @classmethod
+    def from_error(cls, exc: AuthgateError) -> ServiceError:
+        code = code_of(exc)
+        status, message, _ = ERRORS[code]
+        name = None
+        if isinstance(exc, InvalidInput):
+            name, message = exc.field, f"{exc.field} {exc.message}"
+        elif isinstance(exc, Refused):
+            message = exc.message or message
+            name = exc.details.get("field") if isinstance(exc.details.get("field"), str) else None
+        return cls(status, code, message, name)
+
+    @classmethod
+    def unavailable(cls) -> ServiceError:
+        status, message, _ = ERRORS["UNAVAILABLE"]
+        return cls(status, "UNAVAILABLE", message)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleCaller:
+    """The signed-in management token, as the pages show it."""
+
+    caller: Caller
+    can: Mapping[str, bool] = field(default_factory=dict)
+
+    @property
+    def display_prefix(self) -> str:
+        return self.caller.display_prefix
+
+    @property
+    def key_type(self) -> str:
+        return self.caller.key_type
+
+    @property
+    def org(self) -> str:
+        return str(self.caller.record.get("org") or "")
+
+    @property
+    def project(self) -> str:
+        return str(self.caller.record.get("project") or "")
+
+    @property
+    def space(self) -> str:
+        return str(self.caller.record.get("space") or "")
+
+    def need(self, flag: str) -> None:
+        """ServiceError INSUFFICIENT_KEY_TYPE unless the token holds `flag` (the Manager
+        checks it again on every change; this only spares a form that cannot be sent)."""
+        if not self.can.get(flag):
+            status, message, _ = ERRORS["INSUFFICIENT_KEY_TYPE"]
+            raise ServiceError(status, "INSUFFICIENT_KEY_TYPE", message)
+
+
+def _wrap(caller: Caller) -> ConsoleCaller:
+    return ConsoleCaller(caller, {flag: flag in caller.key_type for flag in "rwd"})
+
+
+class ConsoleApi:
+    def __init__(self, manager: Manager) -> None:
+        self.manager = manager
+        self.key_types = KEY_TYPES
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except AuthgateError as exc:
+            raise ServiceError.from_error(exc) from None
+
+    # -- who is signed in ---------------------------------------------------------------------
+    async def sign_in(self, token: str, client_ip: str) -> tuple[ConsoleCaller, str]:
+        """The caller for a pasted management token, and the token's HMAC to remember it by
+        (the value itself is forgotten when this returns)."""
+        caller = await self._call(self.manager.authenticate([token], client_ip, "console"))
+        return _wrap(caller), self.manager.store.hash(token.strip())
+
+    async def caller_by_hash(self, token_hash: str, client_ip: str) -> ConsoleCaller | None:
+        """The signed-in caller again, or None when its token stopped being valid for this
+        address (revoked, disabled, expired, deleted, outside its allowlist)."""
+        try:
+            caller = await self.manager.authenticate_hash(token_hash, client_ip, "console")
+        except Refused:
+            return None
+        return _wrap(caller)
+
+    # -- tokens -------------------------------------------------------------------------------
+    async def list(
+        self, caller: ConsoleCaller, filters: Mapping[str, str], cursor: str | None, limit: int
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        page = await self._call(self.manager.list(caller.caller, filters, cursor, limit))
+        return page["tokens"], page["next_cursor"]
+
+    async def show(self, caller: ConsoleCaller, token_id: str) -> dict[str, Any]:
+        view: dict[str, Any] = await self._call(self.manager.show(caller.caller, token_id))
+        return view
+
+    async def usage(self, caller: ConsoleCaller, token_id: str, days: int) -> list[dict[str, Any]]:
+        """The last `days` days, oldest first (the chart draws left to right)."""
+        found = await self._call(self.manager.usage(caller.caller, token_id, days))
+        history: list[dict[str, Any]] = list(reversed(found["days"]))
+        return history
+
+    async def create(
+        self, caller: ConsoleCaller, spec: Mapping[str, Any]
+    ) -> tuple[str, dict[str, Any]]:
+        made = dict(await self._call(self.manager.create(caller.caller, spec)))
+        return str(made.pop("token")), made
+
+    async def update(
+        self, caller: ConsoleCaller, token_id: str, patch: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        view: dict[str, Any] = await self._call(self.manager.update(caller.caller, token_id, patch))
+        return view
+
+    async def rotate(
+        self, caller: ConsoleCaller, token_id: str, grace: str
+    ) -> tuple[str, dict[str, Any]]:
+        made = dict(await self._call(self.manager.rotate(caller.caller, token_id, {"grace": grace})))
+        return str(made.pop("token")), made
+
+    async def revoke(self, caller: ConsoleCaller, token_id: str) -> None:
+        await self._call(self.manager.revoke(caller.caller, token_id))
+
+    async def delete(self, caller: ConsoleCaller, token_id: str) -> None:
+        await self._call(self.manager.delete(caller.caller, token_id))
+
+    # -- audit --------------------------------------------------------------------------------
+    async def audit(
+        self, caller: ConsoleCaller, cursor: str | None, limit: int
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        page = await self._call(self.manager.audit(caller.caller, limit, before=cursor))
+        return [_event(e) for e in page["events"]], page.get("next_cursor")
+
+    async def token_audit(self, caller: ConsoleCaller, token_id: str) -> list[dict[str, Any]]:
+        page = await self._call(self.manager.audit(caller.caller, 100, token_id=token_id))
+        return [_event(e) for e in page["events"]]
+
+
+def _event(event: Mapping[str, Any]) -> dict[str, Any]:
+    detail = event.get("detail") or {}
+    text = ", ".join(f"{k}={v}" for k, v in sorted(detail.items()))
+    return {
+        "time": event.get("time"),
+        "event": event.get("action"),
+        "actor": event.get("actor"),
+        "token_id": event.get("token_id"),
+        "details": text,
+    }
