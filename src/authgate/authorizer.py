@@ -167,6 +167,8 @@ class Authorizer:
             return deny("TOKEN_INVALID", 5)
         if entry.expires_at is not None and entry.expires_at <= now:
             return deny("TOKEN_EXPIRED", 6, expired_at=iso(entry.expires_at))
+        if not entry.enabled:
+            return deny("TOKEN_DISABLED", 6)  # check 6b
         if entry.networks and not ip_allowed(entry.networks, req.client_ip):
             return deny("IP_NOT_ALLOWED", 7, client_ip=str(req.client_ip or "unknown"))
         route, bound = self.routes.match(req.path)
@@ -220,7 +222,9 @@ class Authorizer:
         self._cache_counts["fresh"] += 1
         decision = self.authorize(entry, req, time.time())
         if decision.status == 200:
-            self.usage.note(entry.id)
+            self.usage.note(entry.id, req.client_ip)
+        elif decision.check >= 6:  # checks 6-11: a denial of this token, in its usage
+            self.usage.refused(entry.id, decision.code, req.client_ip)
         return decision
 
     async def decide(self, req: AuthRequest) -> Decision:
@@ -234,7 +238,9 @@ class Authorizer:
             return deny("TOKEN_INVALID", 5)
         decision = self.authorize(found, req, time.time())
         if decision.allowed:
-            self.usage.note(found.id)
+            self.usage.note(found.id, req.client_ip)
+        elif decision.check >= 6:
+            self.usage.refused(found.id, decision.code, req.client_ip)
         return decision
 
 

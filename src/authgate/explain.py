@@ -63,7 +63,9 @@ async def explain(
     return {
         "status": decision.status,
         "code": decision.code,
-        "reason": CHECKS[decision.check],
+        "reason": "check 6b: disabled"
+        if decision.code == "TOKEN_DISABLED"
+        else CHECKS[decision.check],
         "check": decision.check,
         "details": decision.details,
         "token_id": entry.id if entry else token_id,

@@ -374,6 +374,8 @@ def validate_patch(patch: Mapping[str, Any], *, now: float | None = None) -> dic
         if attr.kind == "bool" and value is None:
             raise WrongType(name, "true or false")
         out[name] = clean_value(attr, value, now)
+    if "expires_at" in patch and "expires_in" in patch:
+        raise InvalidInput("expires_in", "give expires_in or expires_at, not both")
     if "expires_at" in patch or "expires_in" in patch:
         out["expires_at"] = _expiry_input(patch, now)
     return out
