@@ -159,7 +159,5 @@ def create_app() -> WorkerApp:
         if settings.console:
             from .console import console_mount
 
-            admin.app.router.routes.append(
-                console_mount(admin.manager, runtime.redis, settings)
-            )
+            admin.app.router.routes.append(console_mount(admin.manager, runtime.redis, settings))
     return WorkerApp(runtime, admin)

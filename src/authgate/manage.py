@@ -366,7 +366,7 @@ class Manager:
             if everything or event.get("actor") == caller.id:
                 return True
             scope = event.get("scope")
-            return bool(scope) and in_scope(caller.record, scope)
+            return isinstance(scope, dict) and in_scope(caller.record, scope)
 
         events, next_cursor = await self.store.audit_page(count, before, keep)
         return {"events": events, "next_cursor": next_cursor}

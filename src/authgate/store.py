@@ -20,7 +20,7 @@ calling: the CLI uses it as the environment's owner, the management API through
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -417,35 +417,28 @@ class TokenStore:
     async def usage_history(self, token_id: str, days: int) -> list[dict[str, Any]]:
         """The last `days` UTC days, newest first: date, allowed, denied by code, last
         client address (days without traffic included, with zeros)."""
+        return (await self.usage_histories([token_id], days))[0]
+
+    async def usage_histories(
+        self, token_ids: Sequence[str], days: int
+    ) -> list[list[dict[str, Any]]]:
+        """`usage_history` for several tokens in one round trip."""
         today = int(time.time() // DAY)
         first = today - days + 1
         buckets = list(range(first // BUCKET_DAYS, today // BUCKET_DAYS + 1))
         async with mapped_errors():
             pipe = self.redis.pipeline(transaction=False)
-            for bucket in buckets:
-                pipe.hgetall(f"{self._usage}{token_id}:{bucket}")
+            for token_id in token_ids:
+                for bucket in buckets:
+                    pipe.hgetall(f"{self._usage}{token_id}:{bucket}")
             rows = await pipe.execute()
-        fields: dict[str, str] = {}
-        for row in rows:
-            fields.update({k.decode(): v.decode() for k, v in row.items()})
-        out = []
-        for day in range(today, first - 1, -1):
-            denied: dict[str, int] = {}
-            prefix = f"{day}:"
-            for name, value in fields.items():
-                if name.startswith(prefix):
-                    what = name[len(prefix) :]
-                    if what not in ("OK", "ip"):
-                        denied[what] = int(value)
-            out.append(
-                {
-                    "date": time.strftime("%Y-%m-%d", time.gmtime(day * DAY)),
-                    "allowed": int(fields.get(f"{day}:OK", 0)),
-                    "denied": dict(sorted(denied.items())),
-                    "last_client_ip": fields.get(f"{day}:ip"),
-                }
-            )
-        return out
+        histories = []
+        for n in range(len(token_ids)):
+            fields: dict[str, str] = {}
+            for row in rows[n * len(buckets) : (n + 1) * len(buckets)]:
+                fields.update({k.decode(): v.decode() for k, v in row.items()})
+            histories.append(_days(fields, today, first))
+        return histories
 
     # -- audit ------------------------------------------------------------------------------
     async def audit(
@@ -545,3 +538,24 @@ def _event(entry_id: str, raw: Mapping[bytes, bytes]) -> dict[str, Any]:
         "scope": orjson.loads(f["scope"]) if f.get("scope") else None,
         "detail": orjson.loads(f.get("detail") or "{}"),
     }
+
+
+def _days(fields: Mapping[str, str], today: int, first: int) -> list[dict[str, Any]]:
+    out = []
+    for day in range(today, first - 1, -1):
+        denied: dict[str, int] = {}
+        prefix = f"{day}:"
+        for name, value in fields.items():
+            if name.startswith(prefix):
+                what = name[len(prefix) :]
+                if what not in ("OK", "ip"):
+                    denied[what] = int(value)
+        out.append(
+            {
+                "date": time.strftime("%Y-%m-%d", time.gmtime(day * DAY)),
+                "allowed": int(fields.get(f"{day}:OK", 0)),
+                "denied": dict(sorted(denied.items())),
+                "last_client_ip": fields.get(f"{day}:ip"),
+            }
+        )
+    return out

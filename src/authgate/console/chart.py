@@ -51,7 +51,7 @@ def usage_svg(days: Sequence[Mapping[str, Any]]) -> str:
     ]
     for i, day in enumerate(days):
         x = PAD + i * slot + (slot - bar) / 2
-        y = HEIGHT - PAD
+        y = float(HEIGHT - PAD)
         for code, css, n in _stack(day):
             h = inner_h * n / top
             y -= h
@@ -60,7 +60,8 @@ def usage_svg(days: Sequence[Mapping[str, Any]]) -> str:
                 f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar:.1f}" height="{h:.1f}" '
                 f'class="bar {css}"><title>{label}</title></rect>'
             )
-        if i % 7 == 0 or i == len(days) - 1:
+        last = len(days) - 1
+        if i % 7 == 0 or (i == last and last % 7 >= 3):
             date = escape(str(day.get("date", ""))[5:])
             out.append(
                 f'<text x="{x + bar / 2:.1f}" y="{HEIGHT - PAD + 14}" class="tick">{date}</text>'
@@ -69,4 +70,4 @@ def usage_svg(days: Sequence[Mapping[str, Any]]) -> str:
     return "".join(out)
 
 
-LEGEND = tuple((css, code) for code, css in SERIES) + (("other", "other denials"),)
+LEGEND = (*((css, code) for code, css in SERIES), ("other", "other denials"))

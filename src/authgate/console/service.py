@@ -7,13 +7,21 @@ key type, tenancy, no growth, the audit budget — stays in one place, the Manag
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from ..errors import AuthgateError, InvalidInput, Refused
 from ..manage import ERRORS, Caller, Manager, code_of
-from ..model import KEY_TYPES
+from ..model import EXPIRING_WITHIN, KEY_TYPES
+
+RECENT_DAYS = 7
+
+
+def _epoch(iso_time: str) -> float:
+    return datetime.fromisoformat(iso_time.replace("Z", "+00:00")).timestamp()
 
 
 class ServiceError(Exception):
@@ -35,7 +43,8 @@ class ServiceError(Exception):
             name, message = exc.field, f"{exc.field} {exc.message}"
         elif isinstance(exc, Refused):
             message = exc.message or message
-            name = exc.details.get("field") if isinstance(exc.details.get("field"), str) else None
+            found = exc.details.get("field")
+            name = found if isinstance(found, str) else None
         return cls(status, code, message, name)
 
     @classmethod
@@ -111,11 +120,23 @@ class ConsoleApi:
         return _wrap(caller)
 
     # -- tokens -------------------------------------------------------------------------------
-    async def list(
+    async def tokens(
         self, caller: ConsoleCaller, filters: Mapping[str, str], cursor: str | None, limit: int
     ) -> tuple[list[dict[str, Any]], str | None]:
         page = await self._call(self.manager.list(caller.caller, filters, cursor, limit))
-        return page["tokens"], page["next_cursor"]
+        items: list[dict[str, Any]] = page["tokens"]
+        # The list's own columns: requests in the last 7 days, and "expiring" for an active
+        # token that expires within 7 days (as the list filter means it).
+        histories = await self._call(
+            self.manager.store.usage_histories([t["id"] for t in items], RECENT_DAYS)
+        )
+        now = time.time()
+        for item, days in zip(items, histories, strict=True):
+            item["requests_7d"] = sum(d["allowed"] + sum(d["denied"].values()) for d in days)
+            expires = item.get("expires_at")
+            if item["status"] == "active" and expires and _epoch(expires) - now <= EXPIRING_WITHIN:
+                item["status"] = "expiring"
+        return items, page["next_cursor"]
 
     async def show(self, caller: ConsoleCaller, token_id: str) -> dict[str, Any]:
         view: dict[str, Any] = await self._call(self.manager.show(caller.caller, token_id))
@@ -142,7 +163,9 @@ class ConsoleApi:
     async def rotate(
         self, caller: ConsoleCaller, token_id: str, grace: str
     ) -> tuple[str, dict[str, Any]]:
-        made = dict(await self._call(self.manager.rotate(caller.caller, token_id, {"grace": grace})))
+        made = dict(
+            await self._call(self.manager.rotate(caller.caller, token_id, {"grace": grace}))
+        )
         return str(made.pop("token")), made
 
     async def revoke(self, caller: ConsoleCaller, token_id: str) -> None:
@@ -165,7 +188,10 @@ class ConsoleApi:
 
 def _event(event: Mapping[str, Any]) -> dict[str, Any]:
     detail = event.get("detail") or {}
-    text = ", ".join(f"{k}={v}" for k, v in sorted(detail.items()))
+    def show(value: Any) -> str:
+        return "/".join(str(v) for v in value) if isinstance(value, list) else str(value)
+
+    text = ", ".join(f"{k}: {show(v)}" for k, v in sorted(detail.items()))
     return {
         "time": event.get("time"),
         "event": event.get("action"),

@@ -51,7 +51,9 @@ class SessionStore:
         return f"{session.id}.{self._sign(session.id)}"
 
     async def create(self, token_hash: str) -> Session:
-        session = Session(secrets.token_urlsafe(32), token_hash, secrets.token_urlsafe(32), time.time())
+        session = Session(
+            secrets.token_urlsafe(32), token_hash, secrets.token_urlsafe(32), time.time()
+        )
         body = orjson.dumps(
             {"h": session.token_hash, "csrf": session.csrf, "at": session.created_at}
         )

@@ -94,9 +94,7 @@ class Console:
         html = self.templates.get_template(name).render(**context)
         return secure(Response(html, status, media_type="text/html"), request)
 
-    def error_page(
-        self, request: Request, error: ServiceError, **context: Any
-    ) -> Response:
+    def error_page(self, request: Request, error: ServiceError, **context: Any) -> Response:
         return self.page("error.html", request, error.status, error=error, **context)
 
     # -- sessions ---------------------------------------------------------------------------
@@ -248,13 +246,13 @@ async def login(request: Request) -> Response:
         expected = request.cookies.get(COOKIE + "_login", "")
         if not sent or not secrets.compare_digest(sent, expected):
             raise ServiceError(403, "CSRF_REJECTED", "The sign-in form expired; try again.")
-        caller, token_hash = await console.api.sign_in(form.get("token", ""), client_ip(request))
+        _, token_hash = await console.api.sign_in(form.get("token", ""), client_ip(request))
         session = await console.sessions.create(token_hash)
     except ServiceError as error:
         return _login_page(console, request, error, error.status)
     except AuthgateError as exc:
-        error = ServiceError.from_error(exc)
-        return _login_page(console, request, error, error.status)
+        failure = ServiceError.from_error(exc)
+        return _login_page(console, request, failure, failure.status)
     response = secure(RedirectResponse(f"{console.root}/tokens", 303), request)
     response.set_cookie(
         COOKIE,
@@ -298,7 +296,7 @@ async def tokens(
 ) -> Response:
     filters = _filters(request)
     cursor = request.query_params.get("cursor") or None
-    items, next_cursor = await console.api.list(caller, filters, cursor, PAGE)
+    items, next_cursor = await console.api.tokens(caller, filters, cursor, PAGE)
     base = f"{console.root}/tokens"
     next_url = f"{base}?{urlencode({**filters, 'cursor': next_cursor})}" if next_cursor else None
     first_url = f"{base}?{urlencode(filters)}" if cursor else None
@@ -440,7 +438,7 @@ async def token_page(
     events = await console.api.token_audit(caller, token_id)
     allowed = sum(int(d.get("allowed") or 0) for d in days)
     denied = sum(sum(int(n) for n in (d.get("denied") or {}).values()) for d in days)
-    last_ip = next((d.get("last_ip") for d in reversed(days) if d.get("last_ip")), None)
+    last_ip = next((d["last_client_ip"] for d in reversed(days) if d.get("last_client_ip")), None)
     return console.page(
         "token.html",
         request,
@@ -649,8 +647,11 @@ async def audit(
 async def not_found(request: Request, exc: Exception) -> Response:
     console: Console = request.app.state.console
     status = exc.status_code if isinstance(exc, HTTPException) else 404
-    error = ServiceError(status, "NOT_FOUND" if status == 404 else "METHOD_NOT_ALLOWED",
-                         "No such page." if status == 404 else "Method not allowed here.")
+    error = ServiceError(
+        status,
+        "NOT_FOUND" if status == 404 else "METHOD_NOT_ALLOWED",
+        "No such page." if status == 404 else "Method not allowed here.",
+    )
     return console.page("error.html", request, status, error=error)
 
 
