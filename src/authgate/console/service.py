@@ -188,6 +188,7 @@ class ConsoleApi:
 
 def _event(event: Mapping[str, Any]) -> dict[str, Any]:
     detail = event.get("detail") or {}
+
     def show(value: Any) -> str:
         return "/".join(str(v) for v in value) if isinstance(value, list) else str(value)
 
