@@ -10,7 +10,7 @@ VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' src/authgate/__init__
 IMAGE  ?= authgate:$(VERSION)
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev run test test-lowest check lint mypy constraints image bench soak clean
+.PHONY: help install dev run test test-lowest check lint mypy constraints image sidecar-nginx bench soak clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -66,6 +66,13 @@ constraints: ## re-resolve the newest allowed versions into constraints.txt (the
 
 image: ## build the container image, tagged authgate:VERSION
 	docker build -t $(IMAGE) .
+
+# The snippets the sidecar overlay's kustomization turns into its nginx ConfigMap
+# (kustomize reads files only below the overlay); tests/test_k8s.py fails when they drift.
+SIDECAR_SNIPPETS := auth_location auth_proxy decision errors identity log_format maps protect upstream
+sidecar-nginx: ## copy deploy/nginx/authgate's snippets into the sidecar overlay
+	for f in $(SIDECAR_SNIPPETS); do \
+	    cp deploy/nginx/authgate/$$f.conf deploy/k8s/overlays/sidecar/nginx/authgate/; done
 
 bench: $(DEV) ## measure the /auth hot path (prints a table, saves bench-results.json)
 	$(BIN)/python scripts/bench.py
