@@ -692,6 +692,9 @@ def test_alert_rules_use_exported_metrics_and_cover_the_failure_modes() -> None:
     assert 'authgate_decisions_total{status=~"5.."}' in joined
     assert "authgate_redis_errors_total" in joined
     assert re.search(r"histogram_quantile\(0\.99,[^\n]*authgate_decision_seconds_bucket", joined)
+    # Redis down, read from the gauge the background check keeps true (not only lookups).
+    assert re.search(r"min by \([^)]*pod[^)]*\) \(authgate_redis_up\) == 0", joined)
+    assert "authgate_build_info" in joined
 
 
 def test_grafana_dashboard_parses_and_queries_exported_metrics() -> None:
@@ -716,6 +719,7 @@ def test_grafana_dashboard_parses_and_queries_exported_metrics() -> None:
         )
     assert re.search(r"1 - sum\(rate\(authgate_cache_total\{[^}]*result=\"miss\"", joined)
     assert "authgate_redis_errors_total" in joined
+    assert "authgate_redis_up" in joined and "count by (version) (authgate_build_info" in joined
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
@@ -94,11 +95,31 @@ def test_redis_up_reads_1_on_an_idle_instance_and_build_info_names_the_version(
     assert metric(text, "authgate_build_info", version=__version__) == 1
 
 
+def workers_of(parent: int) -> list[int]:
+    """The uvicorn worker processes (multiprocessing spawns) of `serve`'s parent."""
+    import os
+    from pathlib import Path
+
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"spawn_main" in cmdline:
+            found.append(int(entry))
+    return found
+
+
 def test_redis_down_at_start_is_logged_once_and_recovery_shows_without_traffic(
     cli_env: dict[str, str],
 ) -> None:
     """`serve` with Redis down starts, says so in one line, answers /readyz 503 and reports
-    authgate_redis_up 0; once Redis answers, both recover with no request to /auth."""
+    authgate_redis_up 0; once Redis answers, both recover with no request to /auth, even
+    though a worker that saw Redis down was killed meanwhile (dead workers do not count)."""
     import tempfile
     from pathlib import Path
 
@@ -111,6 +132,12 @@ def test_redis_down_at_start_is_logged_once_and_recovery_shows_without_traffic(
         assert httpx.get(f"{ag.url}/readyz").status_code == 503
         text = settled_metrics(ag.metrics_url, "authgate_redis_up", 0)
         assert "authgate_redis_up" in text and metric(text, "authgate_redis_up") == 0
+        (victim, _) = workers_of(ag.proc.pid)
+        os.kill(victim, signal.SIGKILL)  # its last value, 0, stays in its metrics file
+        deadline = time.monotonic() + 15
+        while victim in workers_of(ag.proc.pid) or len(workers_of(ag.proc.pid)) < 2:
+            assert time.monotonic() < deadline, "uvicorn did not replace the killed worker"
+            time.sleep(0.1)
         server.start()
         wait_for_http(f"{ag.url}/readyz", proc=ag.proc)
         deadline = time.monotonic() + 15
