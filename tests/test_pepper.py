@@ -120,3 +120,58 @@ def test_rekey_needs_the_previous_pepper(cli_env: dict[str, str]) -> None:
     proc = run_cli(cli_env, "pepper", "rekey", check=False)
     assert proc.returncode == 2
     assert "AUTHGATE_PEPPER_PREVIOUS" in proc.stderr
+
+
+def test_serve_started_while_redis_was_down_stops_on_another_pepper(
+    cli_env: dict[str, str],
+) -> None:
+    """`serve` that starts before Redis answers checks the pepper once it does, and stops
+    with the one line when Redis holds another pepper's fingerprint."""
+    import tempfile
+    from pathlib import Path
+
+    from tests.conftest import Valkey, free_port
+
+    server = Valkey(port=free_port(), proc=None, workdir=Path(tempfile.mkdtemp()))
+    server.start()
+    env = {**cli_env, "AUTHGATE_REDIS_URL": server.url}
+    try:
+        create(env)  # stores the fingerprint of PEPPER
+        redis.Redis.from_url(server.url).save()  # kept across the restart below
+        server.stop()
+        ag = start_authgate({**env, "AUTHGATE_PEPPER": NEW_PEPPER}, wait_ready=False)
+        try:
+            server.start()
+            assert ag.proc.wait(30) == 2
+        finally:
+            ag.stop()
+    finally:
+        server.stop()
+    log = ag.log()
+    assert "does not answer at start" in log
+    assert log.count("not the pepper the tokens in this Redis were made with") == 1, log
+
+
+def test_management_tokens_work_on_the_admin_api_during_a_rotation(
+    cli_env: dict[str, str],
+) -> None:
+    """A management token made under the old pepper authenticates on the management API
+    while AUTHGATE_PEPPER_PREVIOUS is set."""
+    spec = ["--name", "ops", "--org", "acme", "--project", "tunes", "--key-type", "rwd"]
+    admin = json.loads(
+        run_cli(cli_env, "token", "create", *spec, "--kind", "management", "--json").stdout
+    )
+    rotating = {**cli_env, "AUTHGATE_PEPPER": NEW_PEPPER, "AUTHGATE_PEPPER_PREVIOUS": PEPPER}
+    ag = start_authgate(rotating, admin=True)
+    try:
+        headers = {"Authorization": f"Bearer {admin['token']}"}
+        r = httpx.get(f"{ag.admin_url}/v1/tokens", headers=headers, timeout=10)
+        assert r.status_code == 200, r.text
+    finally:
+        ag.stop()
+    stopped = start_authgate({**cli_env, "AUTHGATE_PEPPER": PEPPER}, admin=True)
+    try:  # the old pepper alone is still accepted: nothing was re-keyed before `rekey`
+        headers = {"Authorization": f"Bearer {admin['token']}"}
+        assert httpx.get(f"{stopped.admin_url}/v1/tokens", headers=headers).status_code == 200
+    finally:
+        stopped.stop()

@@ -253,7 +253,7 @@ class AdminApp:
         ):
             raise ApiError(401, "TOKEN_INVALID", denial=True)
         call.presented_prefix = tokens.display_prefix(token, self.prefix)
-        record = await self.store.record_by_hash(self.store.hash(token))
+        record = await self.store.record_by_token(token)
         if record is None:
             raise ApiError(401, "TOKEN_INVALID", denial=True)
         actor = str(record["id"])

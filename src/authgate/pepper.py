@@ -168,15 +168,9 @@ class PreviousPepper:
     def of(cls, settings: Settings, store: Any) -> PreviousPepper | None:
         return None if settings.pepper_previous is None else cls(settings, store)
 
-    async def load(
-        self,
-        token: str,
-        key: bytes,
-        compile_record: Callable[[bytes, Any, float, int], Any],
-        generation: int,
-    ) -> Any:
-        """The entry for `token` if it is stored under the old hash (None if not); moved to
-        the new hash `key` once `pepper rekey` has begun. Errors: BackendUnavailable."""
+    async def record(self, token: str, key: bytes) -> Any:
+        """The stored record of `token` under the old hash (None if not there), moved to
+        the new hash `key` once `pepper rekey` has begun."""
         old = self._hash(token).hex()
         store = self.store
         async with mapped_errors():
@@ -191,8 +185,21 @@ class PreviousPepper:
             self._checked = now
         if self._rekeying:
             await self._move(old, key.hex(), raw)
-        record = orjson.loads(raw)
-        return compile_record(key, record, now, generation)
+        return orjson.loads(raw)
+
+    async def load(
+        self,
+        token: str,
+        key: bytes,
+        compile_record: Callable[[bytes, Any, float, int], Any],
+        generation: int,
+    ) -> Any:
+        """The entry for `token` if it is stored under the old hash (None if not), compiled
+        into the cache under `key`. Errors: BackendUnavailable."""
+        record = await self.record(token, key)
+        if record is None:
+            return None
+        return compile_record(key, record, time.monotonic(), generation)
 
     async def _move(self, old: str, new: str, raw: bytes) -> None:
         """Copy the record to its new hash, point its id there, then drop the old copy. A

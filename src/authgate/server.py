@@ -82,8 +82,7 @@ def _check_when_up(settings: Settings, supervisor: Any, refused: list[ConfigErro
             if asyncio.run(preflight.at_start(settings)) is None:
                 log.info("Redis answers now")
                 return
-        except ConfigError as exc:
-            log.critical("%s", exc)
+        except ConfigError as exc:  # serve() raises it once the workers have stopped
             refused.append(exc)
             _uvicorn.stop(supervisor)
             return
