@@ -1,8 +1,10 @@
 # syntax=docker/dockerfile:1
 # authgate image: install into a virtualenv in a builder stage, then copy only that
 # virtualenv into a clean slim image that runs as an unprivileged numeric user.
-#   docker build -t ghcr.io/authgate/authgate:0.1.0 .
-#   docker run --rm -e AUTHGATE_PEPPER_FILE=... -e AUTHGATE_REDIS_URL=... -p 8080:8080 ghcr.io/authgate/authgate:0.1.0
+#   docker build -t authgate:0.1.0 .        (or: make image; the tag is src/authgate/__init__.py's version)
+#   docker run --rm -e AUTHGATE_PEPPER_FILE=... -e AUTHGATE_REDIS_URL=... -p 8080:8080 authgate:0.1.0
+# The Kubernetes manifests (deploy/k8s) name this image, authgate:0.1.0; docs/deploy.md says
+# how to push it to a registry and point the manifests at it.
 
 # Both stages must use the same Python so the venv's interpreter links stay valid.
 # Pin a digest (python:3.12-slim@sha256:...) for reproducible builds.
@@ -15,10 +17,11 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml constraints.txt README.md LICENSE ./
 COPY src ./src
+# The versions the suite passed on (constraints.txt, refreshed by `make constraints`).
 # pip compiles the bytecode here; at run time the root filesystem is read-only.
-RUN pip install .
+RUN pip install -c constraints.txt .
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="authgate" \
@@ -33,7 +36,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     AUTHGATE_LISTEN=0.0.0.0:8080 \
     AUTHGATE_METRICS_LISTEN=0.0.0.0:9180 \
-    AUTHGATE_METRICS_DIR=/tmp/authgate-metrics
+    AUTHGATE_METRICS_DIR=/tmp/authgate-metrics \
+    AUTHGATE_LOG_FORMAT=json
 # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001
 # 8080 /auth, /ext-authz/..., /healthz, /readyz; 9180 /metrics; 8081 management API

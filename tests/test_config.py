@@ -205,3 +205,86 @@ def test_config_check(redis_url: str) -> None:
         timeout=30,
     )
     assert down.returncode == 1 and "Redis is unavailable" in down.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        pytest.param("redis:/127.0.0.1:6411/0", "is not a URL", id="one-slash"),
+        pytest.param("127.0.0.1:6379", "is not a URL", id="no-scheme"),
+        pytest.param("redis://127.0.0.1:6411/abc", "not a database number", id="db-word"),
+        pytest.param("redis://127.0.0.1:6411/-1", "not a database number", id="db-negative"),
+        pytest.param("redis://127.0.0.1:6411/0/1", "not a database number", id="db-path"),
+        pytest.param("redis://h:99999/0", "bad port", id="port-range"),
+        pytest.param("redis://h:x/0", "bad port", id="port-word"),
+        pytest.param("redis://", "needs a host", id="no-host"),
+        pytest.param("redis://a:1,b:2/0", "one host only", id="two-hosts"),
+        pytest.param("unix:///run/r.sock?db=x", "not a database number", id="unix-db"),
+        pytest.param("redis+sentinel://h:26379/mymaster/x", "not a database", id="sentinel-db"),
+        pytest.param("redis+cluster://h:7000/3", "no database", id="cluster-db"),
+        pytest.param("http://h:80/", "unsupported scheme", id="http"),
+    ],
+)
+def test_malformed_redis_urls_are_refused_naming_the_variable(url: str, needle: str) -> None:
+    """A Redis URL redis-py would misread (`redis:/host` dials localhost:6379, `/abc` is
+    taken as database 0) is refused at load with one line naming AUTHGATE_REDIS_URL."""
+    with pytest.raises(ConfigError) as exc:
+        load_settings({**GOOD, "AUTHGATE_REDIS_URL": url})
+    message = str(exc.value)
+    assert message.startswith("AUTHGATE_REDIS_URL: ") and needle in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "redis://:secret@redis:6379/15",
+        "rediss://redis.example.com",
+        "unix:///run/redis.sock?db=2",
+        "redis+sentinel://a:26379,b:26379/mymaster/1",
+        "redis+cluster://a:7000,b:7001",
+    ],
+)
+def test_well_formed_redis_urls_load(url: str) -> None:
+    """Every documented URL form loads."""
+    assert load_settings({**GOOD, "AUTHGATE_REDIS_URL": url}).redis_url == url
+
+
+@pytest.mark.parametrize(
+    ("source", "value"),
+    [
+        pytest.param("env", "30", id="env-integer"),
+        pytest.param("env", "2.5", id="env-decimal"),
+        pytest.param("file", "30", id="file-number"),
+        pytest.param("file", '"30"', id="file-string"),
+    ],
+)
+def test_durations_without_a_unit_are_refused_with_a_hint(source: str, value: str) -> None:
+    """`AUTHGATE_CACHE_TTL=30` (or `cache_ttl = 30` in the file) is refused with the unit
+    to add, instead of meaning 30 seconds silently."""
+    if source == "env":
+        env = {**GOOD, "AUTHGATE_CACHE_TTL": value}
+    else:
+        env = {**GOOD, "AUTHGATE_CONFIG": toml(f"cache_ttl = {value}\n")}
+    with pytest.raises(ConfigError) as exc:
+        load_settings(env)
+    number = value.strip('"')
+    assert f"needs a unit, e.g. {number}s" in str(exc.value)
+    assert "cache_ttl" in str(exc.value).lower()
+
+
+def test_log_format_and_previous_pepper_settings() -> None:
+    """AUTHGATE_LOG_FORMAT takes json or text; AUTHGATE_PEPPER_PREVIOUS (or _FILE) is a
+    masked secret that must differ from the pepper."""
+    s = load_settings({**GOOD, "AUTHGATE_LOG_FORMAT": "json", "AUTHGATE_PEPPER_PREVIOUS": "p" * 40})
+    assert s.log_format == "json" and s.pepper_previous is not None
+    assert "p" * 40 not in repr(s)
+    assert load_settings(GOOD).pepper_previous is None and load_settings(GOOD).log_format == "text"
+    for env, needle in (
+        ({"AUTHGATE_LOG_FORMAT": "xml"}, "AUTHGATE_LOG_FORMAT"),
+        ({"AUTHGATE_PEPPER_PREVIOUS": PEPPER}, "same as AUTHGATE_PEPPER"),
+        ({"AUTHGATE_PEPPER_PREVIOUS": "short"}, "AUTHGATE_PEPPER_PREVIOUS"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            load_settings({**GOOD, **env})

@@ -23,9 +23,9 @@ from typing import Any
 
 import orjson
 import pytest
-from uvicorn.server import ServerState
 
 from authgate import tokens
+from authgate._uvicorn import ServerState
 from authgate.app import Runtime
 from authgate.backend import connect
 from authgate.config import load_settings

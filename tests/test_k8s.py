@@ -33,6 +33,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+import authgate
+
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 
@@ -49,7 +51,7 @@ EXAMPLE_BUILDS = [k for k in APP_BUILDS if k != "base"]
 # Oldest Kubernetes the manifests target, and the newest kubernetes-validate knows.
 SCHEMA_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 
-AUTHGATE_IMAGE = "ghcr.io/authgate/authgate"
+AUTHGATE_IMAGE = "authgate:"  # the image the user builds (docs/deploy.md)
 IDENTITY_HEADERS = [
     "X-Org-Id",
     "X-Project-Id",
@@ -77,6 +79,8 @@ METRICS = {
     "authgate_redis_seconds",
     "authgate_invalidations_total",
     "authgate_admin_audit_suppressed_total",
+    "authgate_redis_up",
+    "authgate_build_info",
 }
 # Where the ingress controller (whatever calls /auth) runs, per build.
 CONTROLLER_NAMESPACE = {
@@ -162,6 +166,15 @@ def build(request: pytest.FixtureRequest) -> Build:
 
 @pytest.fixture(params=APP_BUILDS)
 def app_build(request: pytest.FixtureRequest) -> Build:
+    return render(request.param)
+
+
+# Builds with the standalone authgate Deployment (the sidecar overlay has none).
+CENTRAL_BUILDS = [k for k in APP_BUILDS if k != "overlays/sidecar"]
+
+
+@pytest.fixture(params=CENTRAL_BUILDS)
+def central_build(request: pytest.FixtureRequest) -> Build:
     return render(request.param)
 
 
@@ -431,12 +444,12 @@ def test_authgate_reads_config_pepper_and_writes_only_to_empty_dirs(app_build: B
         assert re.match(r"rediss?(\+sentinel|\+cluster)?://", redis_url["AUTHGATE_REDIS_URL"])
 
 
-def test_central_authgate_deployment_listens_on_all_three_ports(app_build: Build) -> None:
+def test_central_authgate_deployment_listens_on_all_three_ports(central_build: Build) -> None:
     """The authgate Deployment runs `serve` from the release image with 2 replicas and binds
     the data plane, metrics and management API on all interfaces (Kubernetes ports)."""
-    dep = app_build.get("Deployment", "authgate")
+    dep = central_build.get("Deployment", "authgate")
     (c,) = dep["spec"]["template"]["spec"]["containers"]
-    assert c["image"] == "ghcr.io/authgate/authgate:0.1.0"
+    assert c["image"] == f"authgate:{authgate.__version__}"
     assert c["args"] == ["serve"]
     assert dep["spec"]["replicas"] == 2
     env = env_of(c)
@@ -546,19 +559,21 @@ def policy_rules_by_port(policy: dict[str, Any]) -> dict[int, list[dict[str, Any
 
 
 def test_network_policy_admits_only_the_controller_operators_and_prometheus(
-    app_build: Build,
+    central_build: Build,
 ) -> None:
     """Port 8080 (/auth) admits only the ingress controller's pods in its namespace, 8081
     (management API) only operator-labelled pods of authgate's namespace, 9180 only the
     monitoring namespace, and no other port is open."""
-    policy = app_build.get("NetworkPolicy", "authgate")
-    pod_labels = app_build.get("Deployment", "authgate")["spec"]["template"]["metadata"]["labels"]
+    policy = central_build.get("NetworkPolicy", "authgate")
+    pod_labels = central_build.get("Deployment", "authgate")["spec"]["template"]["metadata"][
+        "labels"
+    ]
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
     assert "Ingress" in policy["spec"]["policyTypes"]
     rules = policy_rules_by_port(policy)
     assert set(rules) == {8080, 8081, 9180}
 
-    controller_ns = CONTROLLER_NAMESPACE[app_build.name]
+    controller_ns = CONTROLLER_NAMESPACE[central_build.name]
     for peer in rules[8080]:
         assert set(peer) == {"namespaceSelector", "podSelector"}, peer
         assert peer["namespaceSelector"]["matchLabels"] == {
@@ -677,6 +692,9 @@ def test_alert_rules_use_exported_metrics_and_cover_the_failure_modes() -> None:
     assert 'authgate_decisions_total{status=~"5.."}' in joined
     assert "authgate_redis_errors_total" in joined
     assert re.search(r"histogram_quantile\(0\.99,[^\n]*authgate_decision_seconds_bucket", joined)
+    # Redis down, read from the gauge the background check keeps true (not only lookups).
+    assert re.search(r"min by \([^)]*pod[^)]*\) \(authgate_redis_up\) == 0", joined)
+    assert "authgate_build_info" in joined
 
 
 def test_grafana_dashboard_parses_and_queries_exported_metrics() -> None:
@@ -701,6 +719,7 @@ def test_grafana_dashboard_parses_and_queries_exported_metrics() -> None:
         )
     assert re.search(r"1 - sum\(rate\(authgate_cache_total\{[^}]*result=\"miss\"", joined)
     assert "authgate_redis_errors_total" in joined
+    assert "authgate_redis_up" in joined and "count by (version) (authgate_build_info" in joined
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
 
 
@@ -829,16 +848,77 @@ def test_ingress_snippets_map_folded_denials_back_and_pass_nginx_t(tmp_path: Pat
 
 
 def sidecar_nginx_conf(workdir: Path, authgate_port: int = 8080, api: str = "127.0.0.1:80") -> str:
-    """The sidecar's nginx.conf from the rendered ConfigMap, with its writable paths moved
-    under `workdir` and the cluster-only upstream replaced (it must resolve for nginx -t)."""
-    conf: str = render("overlays/sidecar").get("ConfigMap", "api-gateway-nginx")["data"][
-        "nginx.conf"
-    ]
+    """The sidecar's nginx.conf from the rendered ConfigMap, its snippets written under
+    `workdir`/authgate as the pod mounts them, its writable paths moved under `workdir` and
+    the cluster-only upstream replaced (it must resolve for nginx -t)."""
+    data: dict[str, str] = render("overlays/sidecar").get("ConfigMap", "api-gateway-nginx")["data"]
+    (workdir / "authgate").mkdir(exist_ok=True)
+    for key, text in data.items():
+        if key != "nginx.conf":
+            text = text.replace("server 127.0.0.1:8080;", f"server 127.0.0.1:{authgate_port};")
+            (workdir / "authgate" / key).write_text(text)
     (workdir / "cache").mkdir(exist_ok=True)
+    conf = data["nginx.conf"]
     conf = conf.replace("/var/cache/nginx", f"{workdir}/cache")
     conf = conf.replace("/var/run/nginx.pid", f"{workdir}/nginx.pid")
-    conf = conf.replace("server 127.0.0.1:8080;", f"server 127.0.0.1:{authgate_port};")
     return re.sub(r"server example-api\.[^;]+;", f"server {api};", conf)
+
+
+def test_sidecar_snippets_are_the_shipped_nginx_snippets() -> None:
+    """The sidecar's nginx configuration is built from deploy/nginx/authgate: its copies are
+    byte for byte the shipped snippets (`make sidecar-nginx` refreshes them), and every one
+    that its nginx.conf includes, directly or through another snippet, is in the ConfigMap."""
+    copies = K8S / "overlays" / "sidecar" / "nginx" / "authgate"
+    shipped = ROOT / "deploy" / "nginx" / "authgate"
+    for copy in sorted(copies.glob("*.conf")):
+        assert copy.read_text() == (shipped / copy.name).read_text(), (
+            f"{copy.relative_to(ROOT)} differs from deploy/nginx/authgate: run make sidecar-nginx"
+        )
+    data = render("overlays/sidecar").get("ConfigMap", "api-gateway-nginx")["data"]
+    code = re.sub(r"#[^\n]*", "", "\n".join(data.values()))
+    included = set(re.findall(r"include authgate/([\w.]+);", code))
+    assert included and included <= set(data), included - set(data)
+    dep = render("overlays/sidecar").get("Deployment", "api-gateway")
+    (volume,) = [v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "nginx-conf"]
+    paths = {i["key"]: i["path"] for i in volume["configMap"]["items"]}
+    assert paths == {k: k if k == "nginx.conf" else f"authgate/{k}" for k in data}
+
+
+def test_sidecar_overlay_runs_no_standalone_authgate() -> None:
+    """Beside the sidecars the overlay deploys no standalone authgate Deployment or HPA:
+    every authgate container runs in an api-gateway pod."""
+    built = render("overlays/sidecar")
+    deployments = {d["metadata"]["name"] for d in built.of_kind("Deployment")}
+    assert deployments == {"api-gateway"}
+    assert built.of_kind("HorizontalPodAutoscaler") == []
+    (dep,) = built.of_kind("Deployment")
+    images = [c["image"] for c in dep["spec"]["template"]["spec"]["containers"]]
+    assert len(built.authgate_containers()) == sum(i.startswith(AUTHGATE_IMAGE) for i in images)
+
+
+@pytest.mark.parametrize("rel", EXAMPLE_BUILDS)
+def test_every_namespace_an_overlay_uses_is_created_by_it(rel: str) -> None:
+    """Each overlay applies on its own: every namespace its objects name is one it creates."""
+    built = render(rel)
+    created = {n["metadata"]["name"] for n in built.of_kind("Namespace")}
+    used = {o["metadata"].get("namespace") for o in built.objects if o["kind"] != "Namespace"}
+    assert used - {None} <= created, used - created
+
+
+def test_manifests_log_json_and_name_the_image_of_this_version() -> None:
+    """The manifests ask for JSON logs and name the image `make image` builds,
+    authgate:<the version in src/authgate/__init__.py>, as the Dockerfile says."""
+    for rel in ("overlays/example", "overlays/sidecar"):
+        built = render(rel)
+        for _, container in built.authgate_containers():
+            assert container["image"] == f"authgate:{authgate.__version__}"
+        (env,) = [
+            c
+            for c in built.of_kind("ConfigMap")
+            if generated_from(c["metadata"]["name"], "authgate-env")
+        ]
+        assert env["data"]["AUTHGATE_LOG_FORMAT"] == "json"
+    assert f"docker build -t authgate:{authgate.__version__} ." in (ROOT / "Dockerfile").read_text()
 
 
 def test_sidecar_pod_runs_authgate_on_loopback_beside_nginx() -> None:
@@ -854,22 +934,27 @@ def test_sidecar_pod_runs_authgate_on_loopback_beside_nginx() -> None:
     env = env_of(containers["authgate"])
     assert env["AUTHGATE_LISTEN"] == "127.0.0.1:8080"
     assert "AUTHGATE_ADMIN_LISTEN" not in env
-    authgate_selector = built.get("Service", "authgate")["spec"]["selector"]
-    assert not authgate_selector.items() <= tpl["metadata"]["labels"].items()
+    selecting = [
+        svc["metadata"]["name"]
+        for svc in built.of_kind("Service")
+        if svc["spec"].get("selector", {}).items() <= tpl["metadata"]["labels"].items()
+    ]
+    assert selecting == ["api-gateway"]
     mounts = {m["mountPath"] for m in containers["nginx"]["volumeMounts"]}
     volumes = {v["name"]: v for v in tpl["spec"]["volumes"]}
     for path in ("/var/cache/nginx", "/var/run", "/tmp"):
         (mount,) = [m for m in containers["nginx"]["volumeMounts"] if m["mountPath"] == path]
         assert "emptyDir" in volumes[mount["name"]]
     assert "/etc/nginx/authgate" in mounts
-    conf = built.get("ConfigMap", "api-gateway-nginx")["data"]["nginx.conf"]
+    conf = "\n".join(built.get("ConfigMap", "api-gateway-nginx")["data"].values())
     assert "server 127.0.0.1:8080;" in conf
     for directive in (
         "proxy_pass_request_body off;",
-        "proxy_set_header X-Original-URI    $request_uri;",
+        "proxy_set_header X-Original-URI $request_uri;",
         "proxy_set_header X-Original-Method $request_method;",
-        'proxy_set_header X-Forwarded-Uri    "";',
+        'proxy_set_header X-Forwarded-Uri "";',
         'proxy_set_header X-Power-Token "";',
+        'proxy_set_header X-API-Key "";',
     ):
         assert directive in conf
     assert not re.search(r"log_format[^;]*\$(request|request_uri|args|query_string)\b", conf)
@@ -1004,8 +1089,12 @@ def test_sidecar_nginx_maps_decisions_and_keeps_tokens_out_of_upstream_and_logs(
         proc.terminate()
         proc.wait(10)
 
-    authgate_port = recorders["authgate"].server_address[1]
-    proc = run_nginx(conf.replace(f"127.0.0.1:{authgate_port};", f"127.0.0.1:{free_port()};"))
+    down = sidecar_nginx_conf(
+        tmp_path, free_port(), f"127.0.0.1:{recorders['api'].server_address[1]}"
+    )  # authgate's upstream now points at a port nobody listens on
+    down = down.replace("listen 8080;", f"listen 127.0.0.1:{port};")
+    down = down.replace("access_log /dev/stdout", f"access_log {tmp_path}/access.log")
+    proc = run_nginx(down.replace("error_log stderr", f"error_log {tmp_path}/error.log"))
     try:
         r = httpx.get(url, headers={"X-Power-Token": "good"})
         assert r.status_code == 503

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
 
 import httpx
 
-from tests.conftest import AuthgateProcess, run_cli
+from tests.conftest import AuthgateProcess, run_cli, start_authgate
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -70,7 +71,7 @@ def test_metrics_count_decisions_by_status_and_code(
     assert metric(text, "authgate_decision_seconds_count") == 5
     assert metric(text, "authgate_cache_total", result="fresh") >= 2
     labels = set(re.findall(r'(\w+)="', text))
-    assert labels <= {"status", "code", "result", "kind", "le"}, labels
+    assert labels <= {"status", "code", "result", "kind", "le", "version"}, labels
     assert token not in text and "tok_" not in text
 
 
@@ -79,3 +80,94 @@ def test_sigterm_stops_cleanly(authgate_server: AuthgateProcess) -> None:
     assert httpx.get(f"{authgate_server.url}/healthz").status_code == 200
     authgate_server.proc.send_signal(signal.SIGTERM)
     assert authgate_server.proc.wait(15) == 0
+
+
+def test_redis_up_reads_1_on_an_idle_instance_and_build_info_names_the_version(
+    authgate_server: AuthgateProcess,
+) -> None:
+    """Without a single lookup, authgate_redis_up is 1 (checked in the background), and
+    authgate_build_info carries the version."""
+    from authgate import __version__
+
+    text = settled_metrics(authgate_server.metrics_url, "authgate_redis_up", 1)
+    assert metric(text, "authgate_redis_up") == 1
+    assert metric(text, "authgate_decisions_total") == 0
+    assert metric(text, "authgate_build_info", version=__version__) == 1
+
+
+def workers_of(parent: int) -> list[int]:
+    """The uvicorn worker processes (multiprocessing spawns) of `serve`'s parent."""
+    import os
+    from pathlib import Path
+
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"spawn_main" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def test_redis_down_at_start_is_logged_once_and_recovery_shows_without_traffic(
+    cli_env: dict[str, str],
+) -> None:
+    """`serve` with Redis down starts, says so in one line, answers /readyz 503 and reports
+    authgate_redis_up 0; once Redis answers, both recover with no request to /auth, even
+    though a worker that saw Redis down was killed meanwhile (dead workers do not count)."""
+    import tempfile
+    from pathlib import Path
+
+    from tests.conftest import Valkey, free_port, wait_for_http
+
+    server = Valkey(port=free_port(), proc=None, workdir=Path(tempfile.mkdtemp()))
+    env = {**cli_env, "AUTHGATE_REDIS_URL": server.url}
+    ag = start_authgate(env, workers=2, wait_ready=False)
+    try:
+        assert httpx.get(f"{ag.url}/readyz").status_code == 503
+        text = settled_metrics(ag.metrics_url, "authgate_redis_up", 0)
+        assert "authgate_redis_up" in text and metric(text, "authgate_redis_up") == 0
+        (victim, _) = workers_of(ag.proc.pid)
+        os.kill(victim, signal.SIGKILL)  # its last value, 0, stays in its metrics file
+        deadline = time.monotonic() + 15
+        while victim in workers_of(ag.proc.pid) or len(workers_of(ag.proc.pid)) < 2:
+            assert time.monotonic() < deadline, "uvicorn did not replace the killed worker"
+            time.sleep(0.1)
+        server.start()
+        wait_for_http(f"{ag.url}/readyz", proc=ag.proc)
+        deadline = time.monotonic() + 15
+        while metric(httpx.get(ag.metrics_url).text, "authgate_redis_up") != 1:
+            assert time.monotonic() < deadline, "authgate_redis_up stayed 0 after recovery"
+            time.sleep(0.2)
+    finally:
+        ag.stop()
+        server.stop()
+    log = ag.log()
+    assert log.count("does not answer at start") == 1, log
+    assert "Redis answers now" in log
+
+
+def test_a_url_that_points_at_http_is_named_not_redis(cli_env: dict[str, str]) -> None:
+    """AUTHGATE_REDIS_URL pointing at an HTTP server: `serve` and `config check` refuse
+    with one line saying it is not Redis, not redis-py's protocol error."""
+    import http.server
+    import threading
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    env = {**cli_env, "AUTHGATE_REDIS_URL": f"redis://127.0.0.1:{httpd.server_address[1]}/0"}
+    try:
+        for args in (("config", "check"), ("serve",)):
+            proc = run_cli(env, *args, check=False)
+            assert proc.returncode == 2, proc
+            (line,) = proc.stderr.strip().splitlines()
+            assert "AUTHGATE_REDIS_URL points at something that is not Redis" in line
+            assert "Protocol error" not in line
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -67,6 +67,7 @@ class Runtime:
                 self.usage.run(self.store.record_usage, self.settings.usage_flush_interval),
                 name="authgate-usage",
             ),
+            asyncio.create_task(self.metrics.watch_redis(self.ready), name="authgate-redis-up"),
         ]
         follow = watch_topology(
             self.settings.redis_url, self.settings.redis_timeout, (self.redis, sub)

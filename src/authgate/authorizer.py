@@ -18,6 +18,7 @@ from .decisions import METHOD_FLAG
 from .errors import BackendUnavailable
 from .metrics import Metrics
 from .model import Entry, ip_allowed, iso
+from .pepper import PreviousPepper
 from .plane import AuthRequest, Decision, deny, log
 from .store import TokenStore
 from .tokens import Hasher, is_well_formed
@@ -51,6 +52,7 @@ class Authorizer:
         self.routes = RouteTable(settings.routes)
         self._both = settings.token_mode == "both"
         self._hash = Hasher(settings.pepper.reveal()).digest
+        self.previous = PreviousPepper.of(settings, store)  # only while rotating the pepper
         self._cache_counts = metrics.cache_counts
         # Cache misses: one Redis GET per token however many requests carry it at once, and
         # one round trip for all the misses of an event-loop turn.
@@ -101,6 +103,11 @@ class Authorizer:
         if state == "negative":
             return None
         loaded = await self._load(key)
+        if loaded is None and self.previous is not None:
+            try:
+                loaded = await self.previous.load(token, key, self._compile, self.cache.generation)
+            except BackendUnavailable as exc:
+                loaded = exc
         if isinstance(loaded, BackendUnavailable):
             if state == "stale":
                 return entry  # bounded by stale_window; invalidations still drop it

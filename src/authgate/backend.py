@@ -73,23 +73,65 @@ class RedisTarget:
         return f"{parts.scheme}://{host}{parts.path}"
 
 
+_NAME = "AUTHGATE_REDIS_URL"
+_EXAMPLE = "(example: redis://127.0.0.1:6379/0)"
+
+
 def _hosts(netloc: str, default_port: int) -> tuple[tuple[str, int], ...]:
     out = []
     for item in netloc.split(","):
         host, _, port = item.strip().rpartition(":")
         if not host:
             host, port = port, str(default_port)
-        if not port.isdigit():
-            raise ConfigError(f"AUTHGATE_REDIS_URL: bad port in {item!r}")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{_NAME}: bad port in {item!r}")
+        if not host.strip("[]"):
+            raise ConfigError(f"{_NAME}: a host is missing in {item!r}")
         out.append((host.strip("[]"), int(port)))
     return tuple(out)
 
 
+def _db(text: str, where: str) -> int:
+    if not text.isdigit() or int(text) > 2**31 - 1:
+        raise ConfigError(f"{_NAME}: {where} {text!r} is not a database number (0, 1, 2 …)")
+    return int(text)
+
+
+def _check_single(url: str, scheme: str, netloc: str, path: str, query: str) -> int:
+    """The database number of a single-server URL; ConfigError when the URL is malformed."""
+    if scheme == "unix":
+        if netloc or not path.startswith("/") or path == "/":
+            raise ConfigError(f"{_NAME}: a unix URL names a socket path: unix:///run/redis.sock")
+        for key, _, value in (p.partition("=") for p in query.split("&") if p):
+            if key == "db":
+                return _db(value, "db")
+        return 0
+    host = netloc.rpartition("@")[2]
+    if not host:
+        raise ConfigError(f"{_NAME}: {scheme}:// needs a host after '//' {_EXAMPLE}")
+    if "," in host:
+        raise ConfigError(f"{_NAME}: one host only; name a Sentinel or Cluster with its scheme")
+    _hosts(host, 6379)
+    db = path.strip("/")
+    return 0 if not db else _db(db, "path")
+
+
 def parse_redis_url(url: str) -> RedisTarget:
-    parts = urlsplit(url)
+    """What `url` names; every malformed URL is a ConfigError naming AUTHGATE_REDIS_URL.
+
+    redis-py accepts `redis:/host:6379/0` (and connects to localhost:6379) or a database
+    path such as `/abc`; nothing reaches it that this function did not understand.
+    """
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{_NAME}: {exc} {_EXAMPLE}") from None
     scheme = parts.scheme
+    if not scheme or "://" not in url:
+        raise ConfigError(f"{_NAME}: {_safe(url)!r} is not a URL {_EXAMPLE}")
     if scheme in ("redis", "rediss", "unix", "valkey", "valkeys"):
-        return RedisTarget("single", url)
+        db = _check_single(url, scheme, parts.netloc, parts.path, parts.query)
+        return RedisTarget("single", url, db=db)
     auth, _, hostpart = parts.netloc.rpartition("@")
     username = password = None
     if auth:
@@ -97,21 +139,32 @@ def parse_redis_url(url: str) -> RedisTarget:
         username, password = (unquote(user) or None), (unquote(pw) or None)
     if scheme == "redis+sentinel":
         bits = [b for b in parts.path.split("/") if b]
-        if not bits:
+        if not bits or len(bits) > 2 or not hostpart:
             raise ConfigError(
-                "AUTHGATE_REDIS_URL: a sentinel URL names the service: "
+                f"{_NAME}: a sentinel URL names its hosts and service: "
                 "redis+sentinel://host:26379/mymaster/0"
             )
-        db = int(bits[1]) if len(bits) > 1 and bits[1].isdigit() else 0
+        db = _db(bits[1], "database") if len(bits) > 1 else 0
         return RedisTarget(
             "sentinel", url, _hosts(hostpart, 26379), bits[0], db, username, password
         )
     if scheme == "redis+cluster":
+        if not hostpart or parts.path.strip("/") not in ("", "0"):
+            raise ConfigError(
+                f"{_NAME}: a cluster URL names its hosts and no database: "
+                "redis+cluster://host:6379,host:6380"
+            )
         return RedisTarget("cluster", url, _hosts(hostpart, 6379), "", 0, username, password)
     raise ConfigError(
-        f"AUTHGATE_REDIS_URL: unsupported scheme {scheme!r} "
+        f"{_NAME}: unsupported scheme {scheme!r} "
         "(use redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://)"
     )
+
+
+def _safe(url: str) -> str:
+    """`url` without a password, for an error message."""
+    head, at, tail = url.rpartition("@")
+    return f"{head.split('//', 1)[0]}//***@{tail}" if at else url
 
 
 def _no_retry() -> Retry:

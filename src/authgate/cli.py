@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import getpass
 import ipaddress
-import logging
 import os
 import socket
 import sys
@@ -194,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     csub = cfg.add_subparsers(dest="action", required=True, metavar="ACTION")
     ck = csub.add_parser("check", help="validate configuration and reach Redis")
     ck.add_argument("--offline", action="store_true", help="do not contact Redis")
+
+    pep = sub.add_parser("pepper", help="pepper rotation (AUTHGATE_PEPPER_PREVIOUS)")
+    psub = pep.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rk = psub.add_parser("rekey", help="begin re-keying tokens to the new pepper, or report")
+    rk.add_argument("--json", action="store_true")
     return p
 
 
@@ -234,9 +238,14 @@ async def _with_store(fn: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
     from .store import TokenStore
 
     settings = load_settings()
+    from .preflight import check
+
     redis = connect(settings.redis_url, max(settings.redis_timeout, 2.0))
     try:
-        return await fn(TokenStore(redis, settings))
+        await check(redis, settings, store=False)  # Redis is Redis and holds this pepper
+        result = await fn(TokenStore(redis, settings))
+        await check(redis, settings)  # first use: the command succeeded, store the pepper's
+        return result
     finally:
         await redis.aclose()
 
@@ -439,27 +448,64 @@ def cmd_config(args: argparse.Namespace) -> int:
 
         asyncio.run(_with_store(ping))
         print("redis reachable: yes")
+        print("pepper:          matches the fingerprint stored in Redis")
     print("configuration OK")
     return 0
 
 
+def cmd_pepper(args: argparse.Namespace) -> int:
+    from .pepper import rekey
+
+    progress = asyncio.run(_with_store(rekey))
+    if args.json:
+        _print(
+            {
+                "started": progress.started,
+                "total": progress.total,
+                "pending": progress.pending,
+                "active_pending": progress.active,
+                "done": progress.done,
+            }
+        )
+        return 0
+    if progress.started:
+        print(f"re-keying begun: {progress.total} token(s) are re-keyed to the new pepper on use")
+    left = progress.total - len(progress.pending)
+    print(f"re-keyed or gone: {left} of {progress.total}; active and pending: {progress.active}")
+    for row in [r for r in progress.pending if r["status"] == "active"][:20]:
+        print(f"  pending  {row['id']}  {row['display_prefix']}")
+    if progress.done:
+        print("no active token needs the old pepper: unset AUTHGATE_PEPPER_PREVIOUS and restart")
+    else:
+        print("keep AUTHGATE_PEPPER_PREVIOUS until these are used once (or revoke them)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    from . import logs
     from .config import load_settings
     from .server import serve
 
+    global _log_format
+    # Before the settings load, so that even a configuration error is one line in the format.
+    _log_format = os.environ.get("AUTHGATE_LOG_FORMAT", "text")
+    logs.configure(_log_format)
     settings = load_settings()
     workers = args.workers if args.workers is not None else settings.workers
     if workers < 1:
         raise ConfigError("--workers: must be at least 1")
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(settings.log_format, settings.log_level)
     serve(settings, workers)
     return 0
 
 
+_log_format = "text"  # what `fail` writes: `serve` sets it from AUTHGATE_LOG_FORMAT
+
+
 def fail(message: str, code: int) -> NoReturn:
-    sys.stderr.write(f"authgate: {message}\n")
+    from .logs import fatal_line
+
+    sys.stderr.write(fatal_line(f"authgate: {message}", _log_format))
     raise SystemExit(code)
 
 
@@ -472,6 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "audit": cmd_audit,
         "explain": cmd_explain,
         "config": cmd_config,
+        "pepper": cmd_pepper,
     }
     try:
         return handlers[args.command](args)

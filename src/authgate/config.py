@@ -107,9 +107,12 @@ class Settings:
     key_prefix: str = "authgate"
     metrics_dir: str | None = None
     log_level: str = "info"
+    log_format: str = "text"
     max_token_length: int = 256
     console: bool = True  # the web console at /console/ on the management listener
     console_session_ttl: float = 3600.0  # how long a console sign-in lasts
+    # The pepper tokens were hashed with before a rotation (see pepper.py); None otherwise.
+    pepper_previous: Secret | None = None
 
     @property
     def environment(self) -> str:
@@ -209,7 +212,9 @@ _KEYS: dict[str, str] = {
     "log_level": "level",
     "console": "bool",
     "console_session_ttl": "duration",
+    "log_format": "log_format",
 }
+_BARE_NUMBER = re.compile(r"^\s*\d+(?:\.\d+)?\s*$")
 
 
 def _convert(name: str, kind: str, raw: Any) -> Any:
@@ -226,6 +231,8 @@ def _convert(name: str, kind: str, raw: Any) -> Any:
     if kind == "duration":
         if isinstance(raw, int | float) and not isinstance(raw, bool):
             raw = str(raw)
+        if isinstance(raw, str) and _BARE_NUMBER.match(raw):
+            raise ConfigError(f"{name}: {raw.strip()} needs a unit, e.g. {raw.strip()}s")
         if not isinstance(raw, str):
             raise ConfigError(f"{name}: must be a duration such as 30s, got {raw!r}")
         try:
@@ -268,24 +275,28 @@ def _convert(name: str, kind: str, raw: Any) -> Any:
         ):
             raise ConfigError(f"{name}: must be one of critical, error, warning, info, debug")
         return raw.lower()
+    if kind == "log_format":
+        if raw not in ("text", "json"):
+            raise ConfigError(f"{name}: must be 'text' or 'json', got {raw!r}")
+        return raw
     raise AssertionError(kind)  # pragma: no cover
 
 
-def _pepper(environ: Mapping[str, str]) -> Secret:
-    value = environ.get("AUTHGATE_PEPPER")
-    path = environ.get("AUTHGATE_PEPPER_FILE")
+def _pepper(environ: Mapping[str, str], var: str = "AUTHGATE_PEPPER") -> Secret:
+    value = environ.get(var)
+    path = environ.get(f"{var}_FILE")
     if value and path:
-        raise ConfigError("AUTHGATE_PEPPER: set either AUTHGATE_PEPPER or AUTHGATE_PEPPER_FILE")
-    name = "AUTHGATE_PEPPER"
+        raise ConfigError(f"{var}: set either {var} or {var}_FILE")
+    name = var
     if path:
-        name = "AUTHGATE_PEPPER_FILE"
+        name = f"{var}_FILE"
         try:
             value = Path(path).read_text().strip()
         except OSError as exc:
             raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
     if not value:
         raise ConfigError(
-            "AUTHGATE_PEPPER: required (a random secret of at least 32 characters; "
+            f"{var}: required (a random secret of at least 32 characters; "
             "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(48))')"
         )
     if len(value.encode()) < 32:
@@ -337,4 +348,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     values.setdefault("trusted_proxies", _networks("default", list(DEFAULT_TRUSTED)))
     if values.get("token_mode", "both") == "both" and len(values["token_sources"]) < 2:
         raise ConfigError("AUTHGATE_TOKEN_MODE: 'both' needs at least two token sources")
-    return Settings(pepper=_pepper(env), **values)
+    from .backend import parse_redis_url  # the URL's checks live beside the code that dials it
+
+    if "redis_url" in values:
+        parse_redis_url(values["redis_url"])
+    pepper = _pepper(env)
+    if env.get("AUTHGATE_PEPPER_PREVIOUS") or env.get("AUTHGATE_PEPPER_PREVIOUS_FILE"):
+        previous = _pepper(env, "AUTHGATE_PEPPER_PREVIOUS")
+        if previous.reveal() == pepper.reveal():
+            raise ConfigError("AUTHGATE_PEPPER_PREVIOUS: is the same as AUTHGATE_PEPPER")
+        values["pepper_previous"] = previous
+    return Settings(pepper=pepper, **values)

@@ -22,10 +22,8 @@ from collections import deque
 from typing import Any, cast
 
 import httptools
-from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.server import ServerState
 
+from ._uvicorn import Config, HttpToolsProtocol, ServerState
 from .dataplane import DataPlane
 from .plane import Answer, Scope
 from .wire import Headers, json_answer, safe_lines

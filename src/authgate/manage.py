@@ -236,7 +236,7 @@ class Manager:
             ):
                 raise Refused("TOKEN_INVALID")
             presented = tokens.display_prefix(token, self.prefix)
-            record = await self.store.record_by_hash(self.store.hash(token))
+            record = await self.store.record_by_token(token)
             actor = None if record is None else str(record["id"])
             self._admit(record, client_ip)
         except (Refused, BackendUnavailable) as exc:

@@ -12,12 +12,15 @@ values at most `FLUSH_DELAY` seconds later (and whenever this registry is collec
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.metrics_core import Metric
 
+from . import __version__
 from .decisions import CODES
 
 LATENCY_BUCKETS = (
@@ -36,6 +39,7 @@ LATENCY_BUCKETS = (
 )
 CACHE_RESULTS = ("fresh", "stale", "negative", "miss")
 FLUSH_DELAY = 0.05  # seconds a count may wait before it reaches the shared files
+REDIS_CHECK_INTERVAL = 5.0  # seconds between background Redis checks (authgate_redis_up)
 
 
 class _FlushFirst:
@@ -89,12 +93,22 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        # Checked every REDIS_CHECK_INTERVAL by `watch_redis`, and set by every lookup; the
+        # lowest over the live workers only (`DeadWorkers` drops the files of dead ones).
         self.redis_up = Gauge(
             "authgate_redis_up",
-            "1 when this worker's last Redis call succeeded",
+            "1 when this worker reaches Redis (checked in the background and on lookups)",
             registry=registry,
-            multiprocess_mode="min",
+            multiprocess_mode="livemin",
         )
+        self.build_info = Gauge(
+            "authgate_build_info",
+            "Always 1; the version label names the running authgate",
+            ["version"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.build_info.labels(__version__).set(1)
         # Children resolved once: labels() is not free.
         self.decision_child = {
             (status, code): self.decisions.labels(str(status), code)
@@ -141,6 +155,14 @@ class Metrics:
             self._redis_up = value
             self.redis_up.set(value)
 
+    async def watch_redis(
+        self, reachable: Callable[[], Awaitable[bool]], interval: float = REDIS_CHECK_INTERVAL
+    ) -> None:
+        """Keep `authgate_redis_up` true on an idle worker: ask `reachable` every interval."""
+        while True:
+            self.set_redis_up(await reachable())
+            await asyncio.sleep(interval)
+
     # -- flushing ----------------------------------------------------------------------------
     def _schedule(self) -> None:
         try:
@@ -167,6 +189,35 @@ class Metrics:
                 self.cache_child[result].inc(n)
         self._latency_sum = _drain(self.latency, self._latency_counts, self._latency_sum)
         self._redis_sum = _drain(self.redis_latency, self._redis_counts, self._redis_sum)
+
+
+_LIVE_FILE = re.compile(r"^gauge_live\w+_(\d+)\.db$")
+
+
+class DeadWorkers:
+    """Registered before the multiprocess collector in the parent: removes the `live*`
+    gauge files of workers that have exited, so a dead worker's last value (a 0 from
+    before a restart, say) does not count."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self) -> Iterable[Metric]:
+        for name in os.listdir(self.path):
+            match = _LIVE_FILE.match(name)
+            if match and not _alive(int(match.group(1))):
+                multiprocess.mark_process_dead(int(match.group(1)), self.path)  # type: ignore[no-untyped-call]
+        return ()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - someone else's process
+        return True
+    return True
 
 
 def _drain(histogram: Histogram, counts: list[int], total: float) -> float:

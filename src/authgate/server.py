@@ -8,13 +8,18 @@ protocol the management API's.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
 import socket
 import tempfile
+import threading
+import time
 from typing import Any
 
+from . import __version__, logs, preflight
+from .backend import parse_redis_url
 from .config import Settings
 from .errors import ConfigError
 
@@ -38,6 +43,7 @@ SERVER_OPTIONS: dict[str, Any] = {
 # The data plane is served by authgate's own HTTP/1.1 protocol, the management API by
 # uvicorn's httptools protocol (`fasthttp.HttpProtocol` picks one per connection).
 DATA_PLANE_HTTP = "authgate.fasthttp:HttpProtocol"
+RECHECK = 1.0  # seconds between start-up checks while Redis does not answer
 
 
 def bind(name: str, address: tuple[str, int]) -> socket.socket:
@@ -67,6 +73,22 @@ def prepare_metrics_dir(settings: Settings) -> tuple[str, bool]:
     return tempfile.mkdtemp(prefix="authgate-metrics-"), True
 
 
+def _check_when_up(settings: Settings, supervisor: Any, refused: list[ConfigError]) -> None:
+    """After Redis was down at start: the same checks once it answers; stop if they fail."""
+    from . import _uvicorn
+
+    while True:
+        try:
+            if asyncio.run(preflight.at_start(settings)) is None:
+                log.info("Redis answers now")
+                return
+        except ConfigError as exc:  # serve() raises it once the workers have stopped
+            refused.append(exc)
+            _uvicorn.stop(supervisor)
+            return
+        time.sleep(RECHECK)
+
+
 def serve(settings: Settings, workers: int) -> None:
     listeners = [("AUTHGATE_LISTEN", settings.listen)]
     if settings.admin_listen is not None:
@@ -76,15 +98,23 @@ def serve(settings: Settings, workers: int) -> None:
     if settings.metrics_listen in (settings.listen, settings.admin_listen):
         raise ConfigError("AUTHGATE_METRICS_LISTEN: must differ from the other listeners")
 
+    down = asyncio.run(preflight.at_start(settings))  # ConfigError: not Redis, wrong pepper
+
     metrics_dir, created = prepare_metrics_dir(settings)
     # Must be set before prometheus_client is imported here or in any worker.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    import uvicorn
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
-    from uvicorn.supervisors import Multiprocess
+
+    from . import _uvicorn
+
+    if (changed := _uvicorn.describe_problems()) is not None:
+        raise ConfigError(changed)
 
     sockets = [bind(name, address) for name, address in listeners]
+    from .metrics import DeadWorkers
+
     registry = CollectorRegistry()
+    registry.register(DeadWorkers(metrics_dir))
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     host, port = settings.metrics_listen
     try:
@@ -93,18 +123,40 @@ def serve(settings: Settings, workers: int) -> None:
         raise ConfigError(
             f"AUTHGATE_METRICS_LISTEN: cannot listen on {host}:{port}: {exc.strerror}"
         ) from None
-    config = uvicorn.Config(
+    config = _uvicorn.Config(
         "authgate.app:create_app",
         factory=True,
         workers=workers,
         lifespan="on",
         log_level=settings.log_level,
+        log_config=logs.dict_config(settings.log_format, settings.log_level),
         **{**SERVER_OPTIONS, "http": DATA_PLANE_HTTP},
     )
     names = ", ".join(f"{n}={h}:{p}" for n, (h, p) in listeners)
-    log.info("authgate serving %s, metrics on %s:%d, %d worker(s)", names, host, port, workers)
+    log.info(
+        "authgate %s serving %s, metrics on %s:%d, %d worker(s)",
+        __version__,
+        names,
+        host,
+        port,
+        workers,
+    )
+    supervisor = _uvicorn.supervisor(config, sockets)
+    refused: list[ConfigError] = []
+    if down is not None:
+        log.error(
+            "Redis at %s does not answer at start (%s); serving anyway: /readyz and /auth "
+            "answer 503 until it does, and the pepper is checked once it answers",
+            parse_redis_url(settings.redis_url).safe_url,
+            down,
+        )
+        threading.Thread(
+            target=_check_when_up, args=(settings, supervisor, refused), daemon=True
+        ).start()
     try:
-        Multiprocess(config, sockets=sockets).run()
+        supervisor.run()
+        if refused:
+            raise refused[0]
     finally:
         httpd.shutdown()
         for sock in sockets:

@@ -74,6 +74,16 @@ class TokenStore:
             raw = await self.redis.get(self._th + digest)
         return None if raw is None else orjson.loads(raw)
 
+    async def record_by_token(self, token: str) -> dict[str, Any] | None:
+        """The record of `token`, also under AUTHGATE_PEPPER_PREVIOUS while one is set."""
+        digest = self.hash(token)
+        record = await self.record_by_hash(digest)
+        if record is None and self.settings.pepper_previous is not None:
+            from .pepper import PreviousPepper
+
+            record = await PreviousPepper(self.settings, self).record(token, bytes.fromhex(digest))
+        return record
+
     async def records_by_hash(self, digests: list[str]) -> list[Any]:
         """Several records in one round trip: a GET each, pipelined (no multi-key command,
         so a Cluster routes each to its slot). None for an unknown hash; False for a stored
