@@ -106,6 +106,8 @@ class Settings:
     metrics_dir: str | None = None
     log_level: str = "info"
     max_token_length: int = 256
+    max_connections: int = 4096  # open data-plane connections per worker
+    header_timeout: float = 10.0  # a request must arrive whole this soon after its first byte
 
     @property
     def environment(self) -> str:
@@ -201,6 +203,8 @@ _KEYS: dict[str, str] = {
     "key_prefix": "str",
     "metrics_dir": "str",
     "log_level": "level",
+    "max_connections": "int",
+    "header_timeout": "duration",
 }
 
 

@@ -89,6 +89,17 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.connections_refused = Counter(
+            "authgate_connections_refused",
+            "Data-plane connections refused at AUTHGATE_MAX_CONNECTIONS (per worker)",
+            registry=registry,
+        )
+        self.header_timeouts = Counter(
+            "authgate_header_timeouts",
+            "Data-plane connections closed because a request did not arrive whole within "
+            "AUTHGATE_HEADER_TIMEOUT",
+            registry=registry,
+        )
         self.redis_up = Gauge(
             "authgate_redis_up",
             "1 when this worker's last Redis call succeeded",
