@@ -20,6 +20,7 @@ from .config import Settings, load_settings
 from .dataplane import DataPlane
 from .errors import BackendUnavailable
 from .invalidation import Invalidator
+from .issued import IssuedTokens
 from .listeners import listener
 from .metrics import Metrics
 from .plane import Receive, Scope, Send
@@ -51,7 +52,12 @@ class Runtime:
             negative_size=settings.negative_cache_size,
         )
         self.usage = UsageRecorder()
-        self.authorizer = Authorizer(settings, self.store, self.cache, self.metrics, self.usage)
+        self.issued = IssuedTokens(
+            self.redis, settings.key_prefix, on_change=self.metrics.issued_changed
+        )
+        self.authorizer = Authorizer(
+            settings, self.store, self.cache, self.metrics, self.usage, self.issued
+        )
         self.data_plane = DataPlane(settings, self.authorizer, self.ready)
         self.invalidator: Invalidator | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -60,7 +66,9 @@ class Runtime:
 
     async def start(self) -> None:
         sub = connect_subscriber(self.settings.redis_url, self.settings.redis_timeout)
-        self.invalidator = Invalidator(sub, self.store.channel, self.cache, self.metrics)
+        self.invalidator = Invalidator(
+            sub, self.store.channel, self.cache, self.metrics, self.issued
+        )
         self._subscriber = sub
         self._tasks = [
             asyncio.create_task(self.invalidator.run(), name="authgate-invalidation"),
@@ -76,6 +84,7 @@ class Runtime:
             self._tasks.append(asyncio.create_task(follow, name="authgate-topology"))
 
     async def stop(self) -> None:
+        self.issued.unsure()  # ends a load under way
         pending = set(self._tasks)
         while pending:
             for task in pending:
