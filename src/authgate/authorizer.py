@@ -16,6 +16,7 @@ from .cache import TokenCache
 from .config import Route, Settings
 from .decisions import METHOD_FLAG
 from .errors import BackendUnavailable
+from .issued import IssuedTokens
 from .metrics import Metrics
 from .model import Entry, ip_allowed, iso
 from .pepper import PreviousPepper
@@ -39,8 +40,10 @@ class Authorizer:
         cache: TokenCache,
         metrics: Metrics,
         usage: UsageRecorder,
+        issued: IssuedTokens | None = None,
     ) -> None:
         self.settings = settings
+        self.issued = issued  # None: every unknown token is asked of Redis
         self.store = store
         self.cache = cache
         self.metrics = metrics
@@ -97,6 +100,12 @@ class Authorizer:
         key = self._hash(token)
         now = time.monotonic()
         state, entry = self.cache.get(key, now)
+        if state == "miss" and self.issued is not None and not self.issued.may_hold(key):
+            generation = self.cache.generation
+            if await self.issued.never_issued(key):  # a forged token: no Redis read
+                self._cache_counts["unissued"] += 1
+                self.cache.put_negative(key, now, generation)
+                return None
         self._cache_counts[state] += 1
         if state == "fresh":
             return entry

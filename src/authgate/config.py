@@ -113,6 +113,8 @@ class Settings:
     console_session_ttl: float = 3600.0  # how long a console sign-in lasts
     # The pepper tokens were hashed with before a rotation (see pepper.py); None otherwise.
     pepper_previous: Secret | None = None
+    max_connections: int = 4096  # open data-plane connections per worker
+    header_timeout: float = 10.0  # a request must arrive whole this soon after its first byte
 
     @property
     def environment(self) -> str:
@@ -213,6 +215,8 @@ _KEYS: dict[str, str] = {
     "console": "bool",
     "console_session_ttl": "duration",
     "log_format": "log_format",
+    "max_connections": "int",
+    "header_timeout": "duration",
 }
 _BARE_NUMBER = re.compile(r"^\s*\d+(?:\.\d+)?\s*$")
 
