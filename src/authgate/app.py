@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from .authorizer import Authorizer
-from .backend import connect, connect_subscriber, mapped_errors, watch_topology
+from .backend import connect, connect_lookups, connect_subscriber, mapped_errors, watch_topology
 from .cache import TokenCache
 from .config import Settings, load_settings
 from .dataplane import DataPlane
@@ -50,7 +50,14 @@ class Runtime:
             negative_size=settings.negative_cache_size,
         )
         self.usage = UsageRecorder()
-        self.authorizer = Authorizer(settings, self.store, self.cache, self.metrics, self.usage)
+        # Lookups have a client of their own (see `connect_lookups`).
+        self.lookups = (
+            redis
+            if redis is not None
+            else connect_lookups(settings.redis_url, settings.redis_timeout)
+        )
+        lookup_store = TokenStore(self.lookups, settings)
+        self.authorizer = Authorizer(settings, lookup_store, self.cache, self.metrics, self.usage)
         self.data_plane = DataPlane(settings, self.authorizer, self.ready)
         self.invalidator: Invalidator | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -69,9 +76,9 @@ class Runtime:
             ),
         ]
         follow = watch_topology(
-            self.settings.redis_url, self.settings.redis_timeout, (self.redis, sub)
+            self.settings.redis_url, self.settings.redis_timeout, (self.redis, self.lookups, sub)
         )
-        if follow is not None:  # Sentinel: reconnect both clients when the master moves
+        if follow is not None:  # Sentinel: reconnect every client when the master moves
             self._tasks.append(asyncio.create_task(follow, name="authgate-topology"))
 
     async def stop(self) -> None:
@@ -90,6 +97,9 @@ class Runtime:
         self.metrics.flush()  # counts of the last few ms reach /metrics too
         with contextlib.suppress(Exception):
             await self.redis.aclose()
+        if self.lookups is not self.redis:
+            with contextlib.suppress(Exception):
+                await self.lookups.aclose()
         if self.invalidator is not None:
             with contextlib.suppress(Exception):
                 await self._subscriber.aclose()
