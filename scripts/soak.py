@@ -3,14 +3,20 @@
     make soak                      # ten minutes
     SOAK_SECONDS=120 make soak     # shorter
     SOAK_RATE=1500 SOAK_WORKERS=2  # requests per second in all, authgate worker processes
+    SOAK_APPENDFSYNC=everysec      # Valkey's AOF fsync policy (always: fsync every write)
 
 While a steady load asks about live, rotated, revoked, deleted and unknown tokens, a churn
 loop creates a token four times a second, rotates or revokes the oldest live ones and deletes
-retired ones. Every answer is judged (an allow for a revoked, expired or deleted token more
-than 100 ms after the change is a wrong decision). RSS and open file descriptors of the
-authgate processes are sampled; after a warm-up, RSS must grow by less than 5 % and the
-descriptor count must not grow. Prints a table and a summary, writes soak-results.json,
-and exits 1 if any check fails.
+retired ones. Every answer is judged: an allow for a revoked, expired or deleted token more
+than 100 ms after the change is a wrong decision, and so is any 503: no fault is injected,
+Redis is healthy throughout, so UNAVAILABLE would be a false outage (the fault suites in
+tests/test_reliability_*.py are where a 503 can be right). RSS and open file descriptors of
+the authgate processes are sampled; after a warm-up, RSS must grow by less than 5 % and the
+descriptors other than Redis connections must not grow (those are pooled, at most
+LOOKUP_CONNECTIONS per worker for lookups). The summary also shows
+authgate_lookup_unavailable_total by reason and Valkey's own longest stalls (its latency
+monitor), so a 503 can be traced to its cause. Prints a table and a summary, writes
+soak-results.json, and exits 1 if any check fails.
 """
 
 from __future__ import annotations
@@ -28,12 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from redis.asyncio import Redis
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.cluster_harness import (  # noqa: E402
     Load,
     Probe,
+    metric,
     open_fds,
     proc_children,
     rss_kib,
@@ -42,19 +51,27 @@ from tests.cluster_harness import (  # noqa: E402
 )
 from tests.conftest import base_env, start_authgate  # noqa: E402
 
-from authgate.backend import connect  # noqa: E402
+from authgate.backend import LOOKUP_CONNECTIONS  # noqa: E402
 from authgate.config import load_settings  # noqa: E402
+from authgate.errors import UNAVAILABLE_REASONS  # noqa: E402
 from authgate.store import TokenStore  # noqa: E402
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
 RATE = float(os.environ.get("SOAK_RATE", "1500"))
 WORKERS = int(os.environ.get("SOAK_WORKERS", "2"))
+# As the shipped Valkey (deploy/k8s/overlays/example/redis): an append-only file, fsynced
+# every second by a background thread. With `always`, Valkey fsyncs before it answers, and
+# on a disk shared with other work that alone stops it answering for hundreds of ms (see
+# its latency monitor in the summary), which authgate rightly takes for an outage.
+APPENDFSYNC = os.environ.get("SOAK_APPENDFSYNC", "everysec")
 SAMPLE_EVERY = min(20.0, max(2.0, SECONDS / 30))
 WARMUP = min(120.0, max(10.0, SECONDS * 0.2))
 LIVE = 60  # tokens in use at any time
 GRACE = 2.0  # rotation grace period
 RETIRE_AFTER = 8.0  # seconds a rotated or revoked token is still asked about, then deleted
 MAX_RSS_GROWTH = 0.05
+STALL_MS = 50  # Valkey's latency monitor records its own stalls longer than this
+SOAK_CLIENT = "soak"  # the name this script's Redis connections carry (CLIENT LIST)
 
 
 @dataclass
@@ -130,8 +147,9 @@ class Churn:
                 pass
 
     def judge(self, probe: Probe, status: int, sent: float) -> bool:
-        """True when the answer is a wrong decision (or a client-visible error)."""
-        if status == 0 or (status >= 500 and status != 503):
+        """True when the answer is a wrong decision (or a client-visible error). Redis is
+        healthy for the whole run, so a 503 UNAVAILABLE is always wrong."""
+        if status == 0 or status >= 500:
             return True
         if probe.name.startswith("unknown"):
             return status == 200
@@ -139,13 +157,19 @@ class Churn:
         if item is None:  # retired while the request was in flight
             return status == 200
         if item.state == "live":
-            return status not in (200, 503)
+            return status != 200
         changed = item.grace_end if item.state == "rotated" else item.since
         return status == 200 and sent > changed + 0.1
 
 
 def authgate_pids(parent: int) -> list[int]:
     return [parent, *proc_children(parent)]
+
+
+async def authgate_connections(client: Any) -> int:
+    """Connections Valkey has from authgate (every one not named by this script)."""
+    clients = await client.client_list()
+    return sum(1 for c in clients if c.get("name") != SOAK_CLIENT)
 
 
 def sample(pids: list[int]) -> tuple[list[int], int]:
@@ -161,7 +185,7 @@ def sample(pids: list[int]) -> tuple[list[int], int]:
 
 
 async def soak() -> int:
-    node = start_node()
+    node = start_node("--appendfsync", APPENDFSYNC, "--latency-monitor-threshold", str(STALL_MS))
     env = base_env(
         node.url,
         AUTHGATE_WORKERS=str(WORKERS),
@@ -169,7 +193,9 @@ async def soak() -> int:
     )
     ag = start_authgate(env, workers=WORKERS)
     settings = load_settings(env)
-    client = connect(settings.redis_url, 2.0)
+    client = Redis.from_url(
+        settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0, client_name=SOAK_CLIENT
+    )
     store = TokenStore(client, settings)
     unknown = [Probe(f"unknown{i}", unknown_token()) for i in range(50)]
     load = Load(ag.port, [*unknown], concurrency=16, rate=RATE, keep=False)
@@ -188,9 +214,11 @@ async def soak() -> int:
         started = time.monotonic()
         last_total, last_at = 0, started
         print(f"soak: {SECONDS:.0f} s at {RATE:.0f} req/s, {WORKERS} worker(s), ", end="")
+        print(f"Valkey appendfsync {APPENDFSYNC}, ", end="")
         print(f"warm-up {WARMUP:.0f} s")
         print(
-            f"{'t (s)':>7} {'req/s':>7} {'RSS MiB':>8} {'fds':>5} {'valkey MiB':>10} {'wrong':>5}"
+            f"{'t (s)':>7} {'req/s':>7} {'RSS MiB':>8} {'fds':>5} {'redis':>5} "
+            f"{'valkey MiB':>10} {'wrong':>5}"
         )
         while time.monotonic() - started < SECONDS:
             await asyncio.sleep(SAMPLE_EVERY)
@@ -198,24 +226,33 @@ async def soak() -> int:
             each, fds = sample(authgate_pids(ag.proc.pid))
             rss = sum(each)
             info = await client.info("memory")
+            redis_conns = await authgate_connections(client)
             row = {
                 "t": round(now - started, 1),
                 "rps": round((load.total - last_total) / (now - last_at)),
                 "rss_kib": rss,
                 "rss_kib_each": each,
                 "fds": fds,
+                "redis_connections": redis_conns,
                 "valkey_kib": int(info["used_memory"]) // 1024,
                 "wrong": load.wrong_count,
             }
             last_total, last_at = load.total, now
             rows.append(row)
             print(
-                f"{row['t']:>7.0f} {row['rps']:>7} {rss / 1024:>8.1f} {fds:>5} "
+                f"{row['t']:>7.0f} {row['rps']:>7} {rss / 1024:>8.1f} {fds:>5} {redis_conns:>5} "
                 f"{row['valkey_kib'] / 1024:>10.1f} {row['wrong']:>5}",
                 flush=True,
             )
         stop.set()
         await asyncio.gather(*tasks)
+        stalls = {
+            event.decode(): int(worst)
+            for event, _at, _latest, worst, *_ in await client.execute_command("LATENCY", "LATEST")
+        }
+        name = "authgate_lookup_unavailable_total"
+        reasons = {r: metric(ag.metrics_url, f'{name}{{reason="{r}"') for r in UNAVAILABLE_REASONS}
+        flushes = metric(ag.metrics_url, 'authgate_invalidations_total{kind="flush"')
     finally:
         stop.set()
         await client.aclose()
@@ -230,18 +267,22 @@ async def soak() -> int:
     growth = (rss_end - rss_start) / rss_start
     # Connection pools grow to the load's peak concurrency and stay there; a leak keeps
     # growing. So: no more descriptors in the second half of the steady state than in the first.
+    # Redis connections are pooled (bounded), so they are checked against their bound.
     half = len(steady) // 2 or 1
-    fds_start = max(r["fds"] for r in steady[:half])
-    fds_end = max(r["fds"] for r in steady[half:] or steady)
+    fds_start = max(r["fds"] - r["redis_connections"] for r in steady[:half])
+    fds_end = max(r["fds"] - r["redis_connections"] for r in steady[half:] or steady)
+    redis_most = max(r["redis_connections"] for r in rows)
+    redis_bound = WORKERS * (LOOKUP_CONNECTIONS + 4)  # + the subscriber, usage, readiness
     log = ag.log()
     leaked = sum(1 for t in churn.tokens.values() if t.probe.token in log)
     checks = {
         f"RSS growth after warm-up {growth * 100:+.2f} % (< {MAX_RSS_GROWTH * 100:.0f} %)": (
             growth < MAX_RSS_GROWTH
         ),
-        f"open fds, most in each half after warm-up: {fds_start} -> {fds_end} (no growth)": (
-            fds_end <= fds_start
-        ),
+        f"open fds but Redis connections, most in each half after warm-up: "
+        f"{fds_start} -> {fds_end} (no growth)": fds_end <= fds_start,
+        f"Redis connections at most {redis_most} (<= {redis_bound})": redis_most <= redis_bound,
+        f"503 answers: {load.statuses.get(503, 0)}": load.statuses.get(503, 0) == 0,
         f"wrong decisions or errors: {load.wrong_count}": load.wrong_count == 0,
         f"connect errors: {load.connect_errors}": load.connect_errors == 0,
         f"churn errors: {churn.errors}": churn.errors == 0,
@@ -253,6 +294,10 @@ async def soak() -> int:
         f"{churn.rotated}, revoked {churn.revoked}, deleted {churn.deleted}"
     )
     print(f"RSS (authgate, all processes) {rss_start / 1024:.1f} MiB -> {rss_end / 1024:.1f} MiB")
+    counted = ", ".join(f"{r} {n:.0f}" for r, n in reasons.items())
+    print(f"lookups ended in UNAVAILABLE by reason: {counted}; cache flushes {flushes:.0f}")
+    worst = ", ".join(f"{e} {ms} ms" for e, ms in sorted(stalls.items())) or f"none > {STALL_MS} ms"
+    print(f"Valkey's own longest stalls (latency monitor): {worst}")
     for text, ok in checks.items():
         print(f"  {'ok  ' if ok else 'FAIL'} {text}")
     if load.wrong:
@@ -263,10 +308,13 @@ async def soak() -> int:
                 "seconds": SECONDS,
                 "rate": RATE,
                 "workers": WORKERS,
+                "appendfsync": APPENDFSYNC,
                 "samples": rows,
                 "rss_growth": growth,
                 "checks": {k: v for k, v in checks.items()},
                 "statuses": load.statuses,
+                "unavailable_by_reason": reasons,
+                "valkey_stalls_ms": stalls,
             },
             indent=2,
         )

@@ -81,6 +81,7 @@ METRICS = {
     "authgate_admin_audit_suppressed_total",
     "authgate_redis_up",
     "authgate_build_info",
+    "authgate_lookup_unavailable_total",
 }
 # Where the ingress controller (whatever calls /auth) runs, per build.
 CONTROLLER_NAMESPACE = {
@@ -691,6 +692,7 @@ def test_alert_rules_use_exported_metrics_and_cover_the_failure_modes() -> None:
     joined = "\n".join(exprs)
     assert 'authgate_decisions_total{status=~"5.."}' in joined
     assert "authgate_redis_errors_total" in joined
+    assert "authgate_lookup_unavailable_total" in joined
     assert re.search(r"histogram_quantile\(0\.99,[^\n]*authgate_decision_seconds_bucket", joined)
     # Redis down, read from the gauge the background check keeps true (not only lookups).
     assert re.search(r"min by \([^)]*pod[^)]*\) \(authgate_redis_up\) == 0", joined)

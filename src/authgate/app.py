@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from .authorizer import Authorizer
-from .backend import connect, connect_subscriber, mapped_errors, watch_topology
+from .backend import connect, connect_lookups, connect_subscriber, mapped_errors, watch_topology
 from .cache import TokenCache
 from .config import Settings, load_settings
 from .dataplane import DataPlane
@@ -55,8 +55,15 @@ class Runtime:
         self.issued = IssuedTokens(
             self.redis, settings.key_prefix, on_change=self.metrics.issued_changed
         )
+        # Lookups have a client of their own (see `connect_lookups`).
+        self.lookups = (
+            redis
+            if redis is not None
+            else connect_lookups(settings.redis_url, settings.redis_timeout)
+        )
+        lookup_store = TokenStore(self.lookups, settings)
         self.authorizer = Authorizer(
-            settings, self.store, self.cache, self.metrics, self.usage, self.issued
+            settings, lookup_store, self.cache, self.metrics, self.usage, self.issued
         )
         self.data_plane = DataPlane(settings, self.authorizer, self.ready)
         self.invalidator: Invalidator | None = None
@@ -79,9 +86,9 @@ class Runtime:
             asyncio.create_task(self.metrics.watch_redis(self.ready), name="authgate-redis-up"),
         ]
         follow = watch_topology(
-            self.settings.redis_url, self.settings.redis_timeout, (self.redis, sub)
+            self.settings.redis_url, self.settings.redis_timeout, (self.redis, self.lookups, sub)
         )
-        if follow is not None:  # Sentinel: reconnect both clients when the master moves
+        if follow is not None:  # Sentinel: reconnect every client when the master moves
             self._tasks.append(asyncio.create_task(follow, name="authgate-topology"))
 
     async def stop(self) -> None:
@@ -101,6 +108,9 @@ class Runtime:
         self.metrics.flush()  # counts of the last few ms reach /metrics too
         with contextlib.suppress(Exception):
             await self.redis.aclose()
+        if self.lookups is not self.redis:
+            with contextlib.suppress(Exception):
+                await self.lookups.aclose()
         if self.invalidator is not None:
             with contextlib.suppress(Exception):
                 await self._subscriber.aclose()

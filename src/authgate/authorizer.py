@@ -12,6 +12,7 @@ import re
 import time
 from typing import Any
 
+from .backend import LOOKUP_CONNECTIONS, lookup_call
 from .cache import TokenCache
 from .config import Route, Settings
 from .decisions import METHOD_FLAG
@@ -62,6 +63,7 @@ class Authorizer:
         self._loading: dict[bytes, asyncio.Future[Entry | BackendUnavailable | None]] = {}
         self._queued: list[bytes] = []
         self._reads: set[asyncio.Future[None]] = set()
+        self._timeout = settings.redis_timeout
 
     # -- checks 1-4: the token itself --------------------------------------------------------
     def pick_token(self, req: AuthRequest) -> str | Decision:
@@ -120,7 +122,8 @@ class Authorizer:
         if isinstance(loaded, BackendUnavailable):
             if state == "stale":
                 return entry  # bounded by stale_window; invalidations still drop it
-            log.warning("redis unavailable on lookup: %s", type(loaded.__cause__).__name__)
+            log.warning("redis unavailable on lookup (%s)", loaded.reason)
+            self.metrics.unavailable(loaded.reason)
             return deny("UNAVAILABLE", 12)
         return loaded
 
@@ -137,18 +140,28 @@ class Authorizer:
         return await asyncio.shield(future)
 
     def _start_read(self) -> None:
+        """Read what is queued, unless LOOKUP_CONNECTIONS reads are in flight: then the
+        queue waits for the first of them to finish and goes out as one batch (a slow
+        Redis makes misses wait, it never runs the lookup client out of connections)."""
+        if not self._queued or len(self._reads) >= LOOKUP_CONNECTIONS:
+            return
         keys, self._queued = self._queued, []
         task = asyncio.ensure_future(self._read(keys))
         self._reads.add(task)  # a reference until it is done
-        task.add_done_callback(self._reads.discard)
+        task.add_done_callback(self._read_done)
+
+    def _read_done(self, task: asyncio.Future[None]) -> None:
+        self._reads.discard(task)
+        self._start_read()
 
     async def _read(self, keys: list[bytes]) -> None:
         generation = self.cache.generation
         now = time.monotonic()
         started = time.perf_counter()
         results: list[Entry | BackendUnavailable | None] = []
+        digests = [k.hex() for k in keys]
         try:
-            records = await self.store.records_by_hash([k.hex() for k in keys])
+            records = await lookup_call(lambda: self.store.records_by_hash(digests), self._timeout)
         except BackendUnavailable as exc:
             self.metrics.redis_failed()
             results = [exc] * len(keys)
@@ -173,7 +186,7 @@ class Authorizer:
             entry = Entry.from_record(record)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             log.error("token record %s… is malformed (%s)", key.hex()[:12], type(exc).__name__)
-            return BackendUnavailable("malformed token record")
+            return BackendUnavailable("malformed token record", "malformed")
         self.cache.put(key, entry, now, generation)
         return entry
 

@@ -10,25 +10,33 @@ for each reply, no hidden retries or back-off (redis-py's default would retry te
 and turn a dead Redis into seconds of waiting per request), and a bounded number of
 connections, so a Redis that stops answering cannot pile up sockets either. What to do
 about a failure is decided above this module: serve from the cache, or answer 503.
+
+Lookups on the decision path have a client of their own (`connect_lookups`) and a deadline
+of their own (`lookup_deadline`): it counts only the time this worker was running, so a
+worker that was descheduled or paused while Redis answered does not blame Redis for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis import exceptions as redis_exceptions
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import BackendUnavailable, ConfigError
 
@@ -42,8 +50,42 @@ FOREIGN_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutErr
 # fails at once instead of opening another socket that would wait too.
 MAX_CONNECTIONS = 256
 
+# Connections of a worker's lookup client, and so the most lookups it has in flight at
+# once (the Authorizer batches further misses into the next read instead of opening more):
+# a slow Redis makes misses wait their turn, it cannot exhaust the pool.
+LOOKUP_CONNECTIONS = 32
+
+# A deadline that fires this much later than it was due means the worker itself did not
+# run for that long (descheduled on a busy machine, paused, a long callback): whatever
+# Redis sent meanwhile is unread in the socket, so the wait is not Redis's silence.
+STALL = 0.01
+# Fresh deadlines a lookup gets for the worker's stalls; then its silence counts anyway,
+# so an overloaded worker still gives up on a dead Redis (after at most 4 timeouts).
+STALL_RESTARTS = 3
+
 # How often a Sentinel client asks the sentinels where the master is (see watch_topology).
 SENTINEL_POLL = 0.25
+
+# redis-py 5 reports a full pool as a plain ConnectionError with one of these messages.
+_POOL_FULL = ("Too many connections", "No connection available")
+_MaxConnections: type[BaseException] = getattr(
+    redis_exceptions, "MaxConnectionsError", RedisClusterException
+)
+
+T = TypeVar("T")
+
+
+def reason_of(exc: BaseException) -> str:
+    """Which of UNAVAILABLE_REASONS a foreign error stands for."""
+    if isinstance(exc, _MaxConnections) or (
+        isinstance(exc, RedisConnectionError) and str(exc).startswith(_POOL_FULL)
+    ):
+        return "pool"
+    if isinstance(exc, (RedisTimeoutError, asyncio.TimeoutError)):
+        return "timeout"
+    if isinstance(exc, (RedisConnectionError, RedisClusterException, OSError)):
+        return "connection"
+    return "error"  # Redis answered with an error (LOADING, READONLY, …)
 
 
 @asynccontextmanager
@@ -52,7 +94,69 @@ async def mapped_errors() -> AsyncIterator[None]:
     try:
         yield
     except FOREIGN_ERRORS as exc:
-        raise BackendUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+        raise BackendUnavailable(f"redis: {type(exc).__name__}: {exc}", reason_of(exc)) from exc
+
+
+@asynccontextmanager
+async def lookup_deadline(seconds: float) -> AsyncIterator[None]:
+    """Raise BackendUnavailable (reason "timeout") when the block has not finished after
+    `seconds` of this worker's running time.
+
+    A plain timeout counts wall time: after a stall of the worker longer than `seconds`,
+    the timer and Redis's long-arrived reply are both due, and uvloop runs timers before
+    it reads sockets, so a healthy Redis is blamed for the worker's own absence. Here a
+    deadline that fires late by more than STALL starts over (at most STALL_RESTARTS
+    times); one that fires on time means Redis really was silent for `seconds`.
+    """
+    try:
+        async with asyncio.timeout(None) as timer:
+            patience = _Patience(timer, seconds)
+            try:
+                yield
+            finally:
+                patience.handle.cancel()
+    except TimeoutError as exc:
+        raise BackendUnavailable(f"redis: no answer within {seconds}s", "timeout") from exc
+
+
+class _Patience:
+    """The timer of one `lookup_deadline`: expires `timer` once `seconds` pass on time."""
+
+    __slots__ = ("due", "handle", "loop", "restarts", "seconds", "timer")
+
+    def __init__(self, timer: asyncio.Timeout, seconds: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.timer = timer
+        self.seconds = seconds
+        self.restarts = 0
+        self.due = time.monotonic() + seconds
+        self.handle = self.loop.call_later(seconds, self.expire)
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        if now - self.due > STALL and self.restarts < STALL_RESTARTS:
+            self.restarts += 1
+            self.due = now + self.seconds
+            self.handle = self.loop.call_later(self.seconds, self.expire)
+        else:
+            self.timer.reschedule(self.loop.time())
+
+
+async def lookup_call(call: Callable[[], Awaitable[T]], seconds: float) -> T:
+    """`await call()` under `lookup_deadline`, once more if it failed on its connection.
+
+    Redis, or a proxy in front of it, may close a connection while it sits idle in the
+    pool (an idle `timeout`, CLIENT KILL, a restart behind a load balancer); the next
+    command on it fails before Redis is even asked. The pool drops that connection, so the
+    second attempt runs on a new one, and fails at once if Redis is really unreachable.
+    """
+    async with lookup_deadline(seconds):
+        try:
+            return await call()
+        except BackendUnavailable as exc:
+            if exc.reason != "connection":
+                raise
+        return await call()
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +327,6 @@ def _sentinel(target: RedisTarget, timeout: float, **common: Any) -> MajoritySen
 
 def connect(url: str, timeout: float, *, decode: bool = False) -> Any:
     """A redis.asyncio client for `url` with short timeouts and no hidden retries."""
-    target = parse_redis_url(url)
     common: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
@@ -231,6 +334,25 @@ def connect(url: str, timeout: float, *, decode: bool = False) -> Any:
         "retry": _no_retry(),
         "max_connections": MAX_CONNECTIONS,
     }
+    return _client(url, timeout, common)
+
+
+def connect_lookups(url: str, timeout: float) -> Any:
+    """The decision path's client: no socket timeouts of its own (each lookup runs under
+    `lookup_deadline`, which does not count the worker's stalls), at most
+    LOOKUP_CONNECTIONS connections, and none shared with management or usage writes.
+    `timeout` still bounds each question to a sentinel."""
+    common: dict[str, Any] = {
+        "socket_timeout": None,
+        "socket_connect_timeout": None,
+        "retry": _no_retry(),
+        "max_connections": LOOKUP_CONNECTIONS,
+    }
+    return _client(url, timeout, common)
+
+
+def _client(url: str, timeout: float, common: dict[str, Any]) -> Any:
+    target = parse_redis_url(url)
     if target.kind == "single":
         return aioredis.Redis.from_url(url, health_check_interval=30, **common)
     if target.kind == "sentinel":

@@ -24,8 +24,20 @@ class NotFound(AuthgateError):
     """No token with that id."""
 
 
+# Why a lookup could not be answered: the `reason` label of authgate_lookup_unavailable_total.
+UNAVAILABLE_REASONS = ("timeout", "connection", "pool", "malformed", "error")
+
+
 class BackendUnavailable(AuthgateError):
-    """Redis could not be reached or did not answer in time."""
+    """Redis could not be reached or did not answer in time.
+
+    `reason` is one of UNAVAILABLE_REASONS, decided where the foreign error is mapped, so
+    the metric that counts these never needs to look at messages (or requests) to label them.
+    """
+
+    def __init__(self, message: str, reason: str = "error") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class WrongType(InvalidInput):

@@ -22,6 +22,7 @@ from prometheus_client.metrics_core import Metric
 
 from . import __version__
 from .decisions import CODES
+from .errors import UNAVAILABLE_REASONS
 
 LATENCY_BUCKETS = (
     0.00005,
@@ -94,6 +95,13 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.lookup_unavailable = Counter(
+            "authgate_lookup_unavailable",
+            "Lookups answered 503 UNAVAILABLE (Redis gave no answer, the token not cached), "
+            "by reason",
+            ["reason"],
+            registry=registry,
+        )
         self.connections_refused = Counter(
             "authgate_connections_refused",
             "Data-plane connections refused at AUTHGATE_MAX_CONNECTIONS (per worker)",
@@ -141,12 +149,14 @@ class Metrics:
         }
         self.cache_child = {r: self.cache.labels(r) for r in CACHE_RESULTS}
         self.invalidation_child = {k: self.invalidations.labels(k) for k in ("token", "flush")}
+        self.unavailable_child = {r: self.lookup_unavailable.labels(r) for r in UNAVAILABLE_REASONS}
         self._decision_by_code = {
             code: self.decision_child[(CODES.get(code, 200), code)] for code in [*CODES, "OK"]
         }
         # The hot path's counters: plain ints, flushed by `flush()`.
         self.decision_counts: dict[str, int] = dict.fromkeys(self._decision_by_code, 0)
         self.cache_counts: dict[str, int] = dict.fromkeys(CACHE_RESULTS, 0)
+        self.unavailable_counts: dict[str, int] = dict.fromkeys(UNAVAILABLE_REASONS, 0)
         self._bounds = (*LATENCY_BUCKETS, float("inf"))
         self._latency_counts = [0] * len(self._bounds)
         self._latency_sum = 0.0
@@ -161,6 +171,12 @@ class Metrics:
         self.decision_counts[code] += 1
         self._latency_counts[bisect_left(self._bounds, seconds)] += 1
         self._latency_sum += seconds
+        if self._pending is None:
+            self._schedule()
+
+    def unavailable(self, reason: str) -> None:
+        """A lookup that ended in UNAVAILABLE; `reason` is one of UNAVAILABLE_REASONS."""
+        self.unavailable_counts[reason] += 1
         if self._pending is None:
             self._schedule()
 
@@ -217,6 +233,11 @@ class Metrics:
             if n:
                 cache[result] = 0
                 self.cache_child[result].inc(n)
+        unavailable = self.unavailable_counts
+        for reason, n in unavailable.items():
+            if n:
+                unavailable[reason] = 0
+                self.unavailable_child[reason].inc(n)
         self._latency_sum = _drain(self.latency, self._latency_counts, self._latency_sum)
         self._redis_sum = _drain(self.redis_latency, self._redis_counts, self._redis_sum)
 
