@@ -27,11 +27,11 @@ from uvicorn.server import ServerState
 
 from authgate import tokens
 from authgate.app import Runtime
-from authgate.auth import Headers
 from authgate.backend import connect
 from authgate.config import load_settings
 from authgate.fasthttp import MAX_HEAD, FastProtocol, encode
 from authgate.store import TokenStore
+from authgate.wire import Headers
 from tests.conftest import AuthgateProcess, Valkey, base_env, start_authgate
 from tests.inproc import auth_scope
 

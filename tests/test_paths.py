@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from authgate.auth import match_route
+from authgate.authorizer import match_route
 from authgate.config import load_settings
 from authgate.paths import BadPath, normalise, split_uri
 from tests.conftest import PEPPER, free_port, wait_for_port

@@ -5,11 +5,12 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from .auth import Authorizer, AuthRequest, Decision, match_route
+from .authorizer import Authorizer, match_route
 from .cache import TokenCache
 from .metrics import Metrics
 from .model import Entry
 from .paths import BadPath, normalise, query_pairs, split_uri
+from .plane import AuthRequest, Decision
 from .store import TokenStore
 from .usage import UsageRecorder
 

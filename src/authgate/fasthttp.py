@@ -26,7 +26,9 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from .auth import Answer, DataPlane, Headers, Scope, json_answer, safe_lines
+from .dataplane import DataPlane
+from .plane import Answer, Scope
+from .wire import Headers, json_answer, safe_lines
 
 log = logging.getLogger("authgate")
 
