@@ -76,3 +76,9 @@ def test_readiness_probe_is_judged(caddy: Proxy) -> None:
     """A tokenless request is authgate's 401 TOKEN_MISSING with its JSON body."""
     reply = send(caddy.ports["main"], "/minimal/readiness-probe")
     assert (reply.status, reply.error()["code"]) == (401, "TOKEN_MISSING")
+
+
+def test_upstream_down_is_502_json(gateway: Gateway) -> None:
+    """Caddy's error handler answers an unreachable upstream with 502 and a JSON body."""
+    reply = gateway.send(both("ro", via="upstream_down"))
+    assert (reply.status, reply.error()["code"]) == (502, "UPSTREAM_UNAVAILABLE")

@@ -355,8 +355,9 @@ TOKENS: dict[str, list[str]] = {
     "deleted": ["--key-type", "r--"],
 }
 # Sites every gateway has: authgate with its Redis, without it, not listening at all,
-# accepting connections but never answering, and one the tests stop.
-NEIGHBOURS = ("main", "redis_down", "authgate_down", "hung", "stopped")
+# accepting connections but never answering, one the tests stop; and authgate with an
+# upstream that is not listening.
+NEIGHBOURS = ("main", "redis_down", "authgate_down", "hung", "stopped", "upstream_down")
 
 
 @dataclass(frozen=True)
@@ -422,9 +423,13 @@ class Neighbours:
     tokens: dict[str, dict[str, Any]]
     authgates: dict[str, AuthgateProcess]
     addresses: dict[str, str]
+    dead: str  # an address nothing listens on
 
     def sites(self, prefix: str = "", form: str = "k8s") -> list[Site]:
-        return [Site(prefix + n, self.addresses[n], self.echo.address, form) for n in NEIGHBOURS]
+        def upstream(name: str) -> str:
+            return self.dead if name == "upstream_down" else self.echo.address
+
+        return [Site(prefix + n, self.addresses[n], upstream(n), form) for n in NEIGHBOURS]
 
 
 def _flip_last(token: str) -> str:
@@ -463,9 +468,11 @@ def neighbours(valkey: Valkey, work: Path) -> Iterator[Neighbours]:
         tokens["other_prefix"] = {"token": "ak_live_" + ro[len("min_") :]}
         tokens["never_created"] = {"token": generate("min_")}
         addresses = {n: f"127.0.0.1:{a.port}" for n, a in authgates.items()}
-        addresses["authgate_down"] = f"127.0.0.1:{free_port()}"  # nothing listens here
+        dead = f"127.0.0.1:{free_port()}"  # nothing listens here
+        addresses["authgate_down"] = dead
+        addresses["upstream_down"] = addresses["main"]
         addresses["hung"] = f"127.0.0.1:{hung.getsockname()[1]}"
-        yield Neighbours(env, echo, tokens, authgates, addresses)
+        yield Neighbours(env, echo, tokens, authgates, addresses, dead)
     finally:
         for ag in authgates.values():
             ag.stop()
@@ -768,6 +775,12 @@ class ProxyPromises:
         assert reply.status == 200, reply.body
         (record,) = gateway.echo.received
         assert record["body_length"] == len(body)
+
+    def test_upstream_down_is_the_proxys_502_not_a_decision(self, gateway: Gateway) -> None:
+        """An allowed request whose upstream does not answer gets 502 (the proxy's), not
+        authgate's 503: the guard or error handler tells the two apart."""
+        reply = gateway.send(both("ro", via="upstream_down"))
+        assert reply.status == 502, reply.body
 
     def test_authgate_stopped_answers_503_json(self, gateway: Gateway) -> None:
         """Once authgate has served through this proxy and is then stopped, clients get 503
