@@ -82,3 +82,12 @@ def test_upstream_down_is_502_json(gateway: Gateway) -> None:
     """Caddy's error handler answers an unreachable upstream with 502 and a JSON body."""
     reply = gateway.send(both("ro", via="upstream_down"))
     assert (reply.status, reply.error()["code"]) == (502, "UPSTREAM_UNAVAILABLE")
+
+
+@pytest.mark.parametrize("path", ["/", "/minimal", "/other/minimal/x", "/auth"])
+def test_paths_outside_the_protected_route_are_not_served(gateway: Gateway, path: str) -> None:
+    """Only the protected route reaches the upstream; anything else is Caddy's 404."""
+    gateway.echo.clear()
+    reply = send(gateway.port(), path)
+    assert reply.status == 404
+    assert gateway.echo.received == []

@@ -44,7 +44,24 @@ def stack(valkey: Valkey, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 @pytest.fixture(scope="module")
 def traefik(stack: Neighbours, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     sites = [site for form in FORMS for site in stack.sites(f"{form}-", form)]
-    proxy = start_traefik(tmp_path_factory.mktemp("traefik") / "run", sites)
+    # A router whose plugin middleware is misconfigured, next to the shipped ones.
+    broken = {
+        "http": {
+            "routers": {
+                "broken": {
+                    "entryPoints": ["ep-k8s-main"],
+                    "rule": "PathPrefix(`/broken`)",
+                    "middlewares": ["broken-forward"],
+                    "service": "broken",
+                }
+            },
+            "middlewares": {"broken-forward": {"plugin": {"authgate": {"stage": "forwards"}}}},
+            "services": {
+                "broken": {"loadBalancer": {"servers": [{"url": f"http://{stack.echo.address}"}]}}
+            },
+        }
+    }
+    proxy = start_traefik(tmp_path_factory.mktemp("traefik") / "run", sites, broken)
     yield proxy
     proxy.stop()
 
@@ -110,3 +127,13 @@ def test_readiness_probe_is_judged(traefik: Proxy) -> None:
     """The readiness probe reaches authgate (401 TOKEN_MISSING), not Traefik's 404."""
     reply = send(traefik.ports["k8s-main"], "/minimal/readiness-probe")
     assert (reply.status, reply.error()["code"]) == (401, "TOKEN_MISSING")
+
+
+def test_misconfigured_plugin_fails_closed(traefik: Proxy, stack: Neighbours) -> None:
+    """A plugin middleware with an unknown stage makes Traefik refuse its router: requests
+    there never reach the upstream, and Traefik's log says why."""
+    stack.echo.clear()
+    reply = send(traefik.ports["k8s-main"], "/broken/x?pwt=abc")
+    assert reply.status in (404, 500)
+    assert stack.echo.received == []
+    assert "stage must be guard or forward" in traefik.logs()

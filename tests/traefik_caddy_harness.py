@@ -235,8 +235,9 @@ def wait_until_routed(port: int, proc: subprocess.Popen[bytes], timeout: float =
     raise TimeoutError(f"port {port} not routed after {timeout}s (last: {last!r})")
 
 
-def start_traefik(workdir: Path, sites: list[Site]) -> Proxy:
-    """Traefik from deploy/traefik/traefik.yml, one entry point per site."""
+def start_traefik(workdir: Path, sites: list[Site], extra: dict[str, Any] | None = None) -> Proxy:
+    """Traefik from deploy/traefik/traefik.yml, one entry point per site (entry point
+    `ep-<site name>`); `extra` is one more dynamic configuration file."""
     workdir.mkdir(parents=True, exist_ok=True)
     static = yaml.safe_load((TRAEFIK_DIR / "traefik.yml").read_text())
     web = static["entryPoints"].pop("web")
@@ -251,6 +252,8 @@ def start_traefik(workdir: Path, sites: list[Site]) -> Proxy:
         render = k8s_dynamic if site.form == "k8s" else file_dynamic
         dynamic = render(site, entry)
         (workdir / "dynamic" / f"{site.name}.yml").write_text(yaml.safe_dump(dynamic))
+    if extra is not None:
+        (workdir / "dynamic" / "extra.yml").write_text(yaml.safe_dump(extra))
     (workdir / "traefik.yml").write_text(yaml.safe_dump(static))
     argv = [str(proxy_binary("traefik")), "--configFile=traefik.yml"]
     return _start("traefik", argv, workdir, ports)
