@@ -599,14 +599,15 @@ class ProxyPromises:
         self, gateway: Gateway, call: Call, status: int, code: str
     ) -> None:
         """Every decision-table denial, authgate's outages included, reaches the client with
-        the table's status and a JSON error body with its code; nothing reaches the
-        upstream."""
+        the table's status and a JSON error body with its code, not to be cached; nothing
+        reaches the upstream."""
         if call.header == "expiring":
             wait_until_expired(gateway)
         before = len(gateway.echo.received)
         reply = gateway.send(call)
         assert reply.status == status, reply.body
         assert reply.error()["code"] == code
+        assert reply.header("Cache-Control") == "no-store"
         assert gateway.echo.received[before:] == []
 
     @pytest.mark.parametrize("call", ALLOWED)
@@ -618,6 +619,7 @@ class ProxyPromises:
         gateway.echo.clear()
         reply = gateway.send(call)
         assert reply.status == 200, reply.body
+        assert reply.header("Cache-Control") is None  # the upstream's answer, untouched
         received = gateway.echo.received
         assert [r["method"] for r in received] == [call.method]
         assert received[0]["target"] == call.path + (f"?{call.query}" if call.query else "")

@@ -123,7 +123,8 @@ func (g *guard) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 
 // guardWriter passes every response through, except forwardAuth's own failure before the
 // request was allowed: a 5xx (or Traefik's 499 after the guard cancelled the call) without
-// a Content-Type, which authgate's answers always have.
+// a Content-Type, which authgate's answers always have. Answers given before the request
+// was allowed (authgate's denials) are marked Cache-Control: no-store.
 type guardWriter struct {
 	rw       http.ResponseWriter
 	j        *judgement
@@ -138,10 +139,13 @@ func (w *guardWriter) WriteHeader(status int) {
 		return
 	}
 	w.wrote = true
-	if !w.j.allowed() && (status >= 500 || status == 499) && w.rw.Header().Get("Content-Type") == "" {
-		w.replaced = true
-		unavailable(w.rw)
-		return
+	if !w.j.allowed() {
+		if (status >= 500 || status == 499) && w.rw.Header().Get("Content-Type") == "" {
+			w.replaced = true
+			unavailable(w.rw)
+			return
+		}
+		w.rw.Header().Set("Cache-Control", "no-store")
 	}
 	w.rw.WriteHeader(status)
 }
