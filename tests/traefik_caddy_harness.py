@@ -588,6 +588,18 @@ AMBIGUOUS = [
     pytest.param("/minimal/api/system//..//rest/v1/acme/tunes/x", id="repeated-slashes"),
 ]
 
+# Paths authgate reads one way and common upstreams another: a backslash (IIS, many
+# routers on Windows hosts), a `;` path parameter (Tomcat, Spring, Jetty strip it), a case
+# variant of a protected prefix (case-insensitive routers), a segment ending in a dot.
+FOLDED_BY_UPSTREAMS = [
+    pytest.param(
+        "/minimal/api/rest/v1/acme/tunes/..%5C..%5C..%5C..%5Csystem/health", id="backslashes"
+    ),
+    pytest.param("/minimal/api/system;x/health", id="path-parameter"),
+    pytest.param("/minimal/api/System/health", id="case-variant"),
+    pytest.param("/minimal/api/system./health", id="trailing-dot"),
+]
+
 TOKENISH = re.compile(r"\b(min|ak_live)_[A-Za-z0-9]{8,}")
 
 
@@ -691,6 +703,22 @@ class ProxyPromises:
             assert reply.status in (400, 403), reply.body
             assert reply.error()["code"] in ("BAD_REQUEST", "ADMIN_REQUIRED")
             assert received == []
+
+    @pytest.mark.xfail(
+        reason="authgate does not yet refuse backslashes, ';', case variants and trailing "
+        "dots (SPEC §2); behind every proxy these reach the upstream",
+        strict=False,
+    )
+    @pytest.mark.parametrize("path", FOLDED_BY_UPSTREAMS)
+    def test_paths_upstreams_read_differently_are_refused(
+        self, gateway: Gateway, path: str
+    ) -> None:
+        """A path that common upstreams fold into a System API call while authgate reads
+        it as another route is refused with 400 BAD_REQUEST and never forwarded."""
+        gateway.echo.clear()
+        reply = gateway.send(both("ro", path))
+        assert (reply.status, reply.error()["code"]) == (400, "BAD_REQUEST")
+        assert gateway.echo.received == []
 
     @pytest.mark.parametrize(
         ("token", "spoof"),
