@@ -44,24 +44,30 @@ def stack(valkey: Valkey, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 @pytest.fixture(scope="module")
 def traefik(stack: Neighbours, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     sites = [site for form in FORMS for site in stack.sites(f"{form}-", form)]
-    # A router whose plugin middleware is misconfigured, next to the shipped ones.
-    broken = {
+    # Next to the shipped routers: one whose plugin middleware is misconfigured, and one
+    # with only the forward stage's query cleaning (no forwardAuth, no X-Authgate-Uri).
+    echo = {"loadBalancer": {"servers": [{"url": f"http://{stack.echo.address}"}]}}
+    extra = {
         "http": {
             "routers": {
-                "broken": {
+                name: {
                     "entryPoints": ["ep-k8s-main"],
-                    "rule": "PathPrefix(`/broken`)",
-                    "middlewares": ["broken-forward"],
-                    "service": "broken",
+                    "rule": f"PathPrefix(`/{name}`)",
+                    "middlewares": [f"{name}-forward"],
+                    "service": "echo",
                 }
+                for name in ("broken", "strip")
             },
-            "middlewares": {"broken-forward": {"plugin": {"authgate": {"stage": "forwards"}}}},
-            "services": {
-                "broken": {"loadBalancer": {"servers": [{"url": f"http://{stack.echo.address}"}]}}
+            "middlewares": {
+                "broken-forward": {"plugin": {"authgate": {"stage": "forwards"}}},
+                "strip-forward": {
+                    "plugin": {"authgate": {"stage": "forward", "queryParameters": ["pwt"]}}
+                },
             },
+            "services": {"echo": echo},
         }
     }
-    proxy = start_traefik(tmp_path_factory.mktemp("traefik") / "run", sites, broken)
+    proxy = start_traefik(tmp_path_factory.mktemp("traefik") / "run", sites, extra)
     yield proxy
     proxy.stop()
 
@@ -137,3 +143,25 @@ def test_misconfigured_plugin_fails_closed(traefik: Proxy, stack: Neighbours) ->
     assert reply.status in (404, 500)
     assert stack.echo.received == []
     assert "stage must be guard or forward" in traefik.logs()
+
+
+@pytest.mark.parametrize(
+    ("query", "forwarded"),
+    [
+        pytest.param("a=1&pwt=abc&b=2", "?a=1&b=2", id="between-others"),
+        pytest.param("pwt=abc", "", id="alone"),
+        pytest.param("PWT=abc&Pwt=d", "", id="any-case"),
+        pytest.param("p%77t=abc&x=%41", "?x=%41", id="encoded-name-others-kept-as-sent"),
+        pytest.param("pwt&pwt=&x=1", "?x=1", id="without-value"),
+        pytest.param("a=pwt&pwtx=1", "?a=pwt&pwtx=1", id="other-names-kept"),
+    ],
+)
+def test_plugin_removes_token_parameters_by_name(
+    traefik: Proxy, stack: Neighbours, query: str, forwarded: str
+) -> None:
+    """The forward stage alone drops every pair whose decoded name is a token parameter,
+    in any case, and keeps the other pairs byte for byte, in order."""
+    stack.echo.clear()
+    reply = send(traefik.ports["k8s-main"], f"/strip/x?{query}")
+    assert reply.status == 200, reply.body
+    assert [r["target"] for r in stack.echo.received] == ["/strip/x" + forwarded]
