@@ -358,9 +358,18 @@ TOKENS: dict[str, list[str]] = {
     "deleted": ["--key-type", "r--"],
 }
 # Sites every gateway has: authgate with its Redis, without it, not listening at all,
-# accepting connections but never answering, one the tests stop; and authgate with an
-# upstream that is not listening.
-NEIGHBOURS = ("main", "redis_down", "authgate_down", "hung", "stopped", "upstream_down")
+# accepting connections but never answering, one the tests stop; authgate with an
+# upstream that is not listening; and an impostor that allows everything without saying
+# which URI it judged (the echo upstream answering /auth).
+NEIGHBOURS = (
+    "main",
+    "redis_down",
+    "authgate_down",
+    "hung",
+    "stopped",
+    "upstream_down",
+    "impostor",
+)
 
 
 @dataclass(frozen=True)
@@ -475,6 +484,7 @@ def neighbours(valkey: Valkey, work: Path) -> Iterator[Neighbours]:
         addresses["authgate_down"] = dead
         addresses["upstream_down"] = addresses["main"]
         addresses["hung"] = f"127.0.0.1:{hung.getsockname()[1]}"
+        addresses["impostor"] = echo.address
         yield Neighbours(env, echo, tokens, authgates, addresses, dead)
     finally:
         for ag in authgates.values():
@@ -814,6 +824,15 @@ class ProxyPromises:
         authgate's 503: the guard or error handler tells the two apart."""
         reply = gateway.send(both("ro", via="upstream_down"))
         assert reply.status == 502, reply.body
+
+    def test_allow_without_judged_uri_is_never_forwarded(self, gateway: Gateway) -> None:
+        """Should something other than authgate answer 200 on /auth without X-Authgate-Uri,
+        the client gets 503 UNAVAILABLE and the request is not forwarded: the echo sees only
+        the call to /auth, and that without the client's query (no pwt in its URL)."""
+        gateway.echo.clear()
+        reply = gateway.send(both("ro", via="impostor"))
+        assert (reply.status, reply.error()["code"]) == (503, "UNAVAILABLE")
+        assert [r["target"] for r in gateway.echo.received] == ["/auth"]
 
     def test_authgate_stopped_answers_503_json(self, gateway: Gateway) -> None:
         """Once authgate has served through this proxy and is then stopped, clients get 503
