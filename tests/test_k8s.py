@@ -278,7 +278,14 @@ def check_custom_resource(obj: dict[str, Any]) -> None:
         http = spec["extAuth"]["http"]
         assert http["backendRefs"] and all(b["name"] and b["port"] for b in http["backendRefs"])
     elif kind == "Middleware":
-        kinds = set(spec) & {"forwardAuth", "headers", "stripPrefix", "redirectScheme", "chain"}
+        kinds = set(spec) & {
+            "forwardAuth",
+            "headers",
+            "stripPrefix",
+            "redirectScheme",
+            "chain",
+            "plugin",
+        }
         assert len(spec) == 1 and kinds, f"a Middleware has exactly one kind: {sorted(spec)}"
     elif kind == "IngressRoute":
         for route in spec["routes"]:
@@ -1172,7 +1179,8 @@ def test_envoy_gateway_security_policy_asks_authgate_ext_authz_and_fails_closed(
 def test_traefik_forward_auth_asks_authgate_auth_without_trusting_client_headers() -> None:
     """The Traefik forwardAuth Middleware asks authgate's /auth, never trusts client
     X-Forwarded-* headers, copies only the token header to authgate and the identity
-    headers back, and the IngressRoute runs it before stripping the token header."""
+    headers and judged URI back; the IngressRoute runs it after the plugin's guard and
+    before stripping the token header and the plugin's forward stage."""
     built = render("overlays/traefik")
     auth = built.get("Middleware", "authgate")
     fwd = auth["spec"]["forwardAuth"]
@@ -1180,13 +1188,20 @@ def test_traefik_forward_auth_asks_authgate_auth_without_trusting_client_headers
     assert (url.path, url.port) == ("/auth", 8080)
     assert fwd["trustForwardHeader"] is False
     assert header_set(fwd["authRequestHeaders"]) == {"x-power-token"}
-    assert header_set(IDENTITY_HEADERS) <= header_set(fwd["authResponseHeaders"])
+    assert header_set([*IDENTITY_HEADERS, "X-Authgate-Uri"]) <= header_set(
+        fwd["authResponseHeaders"]
+    )
     strip = built.get("Middleware", "strip-token-header")
     assert strip["spec"]["headers"]["customRequestHeaders"] == {"X-Power-Token": ""}
+    guard = built.get("Middleware", "authgate-guard")
+    assert guard["spec"]["plugin"]["authgate"]["stage"] == "guard"
+    forward = built.get("Middleware", "authgate-forward")
+    assert forward["spec"]["plugin"]["authgate"]["stage"] == "forward"
     (route,) = built.of_kind("IngressRoute")
+    chain = ["authgate-guard", "authgate", "strip-token-header", "authgate-forward"]
     for r in route["spec"]["routes"]:
-        assert [m["name"] for m in r["middlewares"]] == ["authgate", "strip-token-header"]
-    for mw in (auth, strip):
+        assert [m["name"] for m in r["middlewares"]] == chain
+    for mw in (auth, strip, guard, forward):
         assert mw["metadata"]["namespace"] == route["metadata"]["namespace"]
 
 

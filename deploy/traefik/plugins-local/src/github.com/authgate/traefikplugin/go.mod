@@ -1,0 +1,3 @@
+module github.com/authgate/traefikplugin
+
+go 1.22
