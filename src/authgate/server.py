@@ -8,6 +8,7 @@ protocol the management API's.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -55,6 +56,13 @@ def bind(name: str, address: tuple[str, int]) -> socket.socket:
     return sock
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a parent package is missing
+        return False
+
+
 def prepare_metrics_dir(settings: Settings) -> tuple[str, bool]:
     """A clean multiprocess directory; returns (path, whether we created it)."""
     if settings.metrics_dir:
@@ -75,6 +83,15 @@ def serve(settings: Settings, workers: int) -> None:
         listeners.append(("AUTHGATE_ADMIN_LISTEN", settings.admin_listen))
     if settings.metrics_listen in (settings.listen, settings.admin_listen):
         raise ConfigError("AUTHGATE_METRICS_LISTEN: must differ from the other listeners")
+    if settings.grpc_listen is not None:
+        others = (settings.listen, settings.admin_listen, settings.metrics_listen)
+        if settings.grpc_listen in others:
+            raise ConfigError("AUTHGATE_GRPC_LISTEN: must differ from the other listeners")
+        # Each worker serves it; a missing extra stops start-up here, once.
+        if not all(_importable(m) for m in ("grpc", "envoy.service.auth.v3.external_auth_pb2")):
+            raise ConfigError(
+                "AUTHGATE_GRPC_LISTEN: needs the grpc extra (pip install 'authgate[grpc]')"
+            )
 
     metrics_dir, created = prepare_metrics_dir(settings)
     # Must be set before prometheus_client is imported here or in any worker.
@@ -101,7 +118,10 @@ def serve(settings: Settings, workers: int) -> None:
         log_level=settings.log_level,
         **{**SERVER_OPTIONS, "http": DATA_PLANE_HTTP},
     )
-    names = ", ".join(f"{n}={h}:{p}" for n, (h, p) in listeners)
+    named = [*listeners]
+    if settings.grpc_listen is not None:
+        named.append(("AUTHGATE_GRPC_LISTEN", settings.grpc_listen))
+    names = ", ".join(f"{n}={h}:{p}" for n, (h, p) in named)
     log.info("authgate serving %s, metrics on %s:%d, %d worker(s)", names, host, port, workers)
     try:
         Multiprocess(config, sockets=sockets).run()
