@@ -278,6 +278,40 @@ def test_dot_segments_are_resolved_before_judging_and_forwarding(
     assert seen["target"] == "/minimal/api/rest/v1/acme/tunes/x"
 
 
+SCOPED_AREA = "/minimal/api/rest/v1/acme/tunes/"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param("/minimal/api/rest/v1/acme/tunes/../../../../system/x", id="dot-segments"),
+        pytest.param("/minimal/api/rest/v1/acme/tunes/%2E%2E/%2e%2e/../../system/x", id="dots"),
+        pytest.param("/minimal/api/rest/v1/acme/tunes/..%2F..%2F..%2F..%2Fsystem/x", id="mixed"),
+        pytest.param("/minimal/api/rest/v1/acme/tunes/..;/..;/..;/..;/system/x", id="semicolons"),
+        pytest.param("/minimal/api/rest/v1/acme/tunes/..\\..\\..\\..\\system", id="backslash"),
+        pytest.param("//minimal/api/system/x", id="double-slash"),
+        pytest.param("/minimal/api/%73ystem/x", id="encoded-letter"),
+        pytest.param("/minimal/api/rest/v1/acme/tunes/x/.%00./system", id="nul"),
+    ],
+)
+def test_a_scoped_token_never_reaches_another_area(proxy: Proxy, stack: Stack, path: str) -> None:
+    """Paths that some parser resolves into the System API: each is refused, or allowed
+    and forwarded as a normalised path inside the token's own area, the one judged."""
+    from authgate.paths import encode, normalise
+
+    token = stack.tokens["good"]
+    stack.echo.clear()
+    reply = proxy.ask(f"{path}?pwt={token}", headers={"X-Power-Token": token})
+    seen = upstream_saw(stack)
+    if reply.status != 200:
+        assert 400 <= reply.status < 500 and not seen, reply.text()
+        return
+    (record,) = seen
+    forwarded = record["target"]
+    assert forwarded.startswith(SCOPED_AREA), forwarded
+    assert encode(normalise(forwarded)) == forwarded
+
+
 @pytest.mark.parametrize(
     "path",
     [
