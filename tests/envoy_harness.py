@@ -183,8 +183,8 @@ class Envoy:
 
     def logs(self) -> str:
         """Access log and server log together, for token scans."""
-        parts = [p.read_text(errors="replace") for p in (self.access_log, self.server_log)]
-        return "\n".join(parts) if any(parts) else ""
+        paths = (self.access_log, self.server_log)
+        return "\n".join(p.read_text(errors="replace") for p in paths if p.exists())
 
     def access_lines(self) -> list[str]:
         if not self.access_log.exists():
