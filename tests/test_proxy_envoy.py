@@ -10,9 +10,12 @@ on a Valkey of the module's own, and the echo upstream that records what reaches
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -342,6 +345,32 @@ def test_redis_unreachable_is_503_with_the_json_body(proxy: Proxy, stack: Stack)
         stack.node.resume()
     assert reply.status == 503, reply.text()
     assert error(reply)["code"] == "UNAVAILABLE"
+
+
+def _workers(parent: int) -> list[int]:
+    """The worker processes `authgate serve` started (children of its supervisor)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def test_authgate_slow_is_503_with_the_json_body(proxy: Proxy, stack: Stack) -> None:
+    """With authgate's workers frozen (a fresh token, so the decision must wait for them),
+    Envoy answers 503 with the UNAVAILABLE body after its ext_authz timeout and lets
+    nothing through."""
+    fresh = token_format.generate("min_")
+    workers = _workers(stack.authgate.proc.pid)
+    assert workers
+    stack.echo.clear()
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        reply = proxy.ask(f"{SCOPED}?pwt={fresh}", headers={"X-Power-Token": fresh})
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    assert reply.status == 503, reply.text()
+    assert error(reply)["code"] == "UNAVAILABLE"
+    assert not upstream_saw(stack)
 
 
 def test_authgate_stopped_is_503_with_the_json_body(proxy: Proxy, stack: Stack) -> None:
