@@ -5,6 +5,7 @@ remove the token header and set `:path` to the judged path without token paramet
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -21,12 +22,24 @@ from authgate.app import Runtime
 from authgate.config import Settings
 from authgate.errors import ConfigError
 from authgate.grpc_authz import GrpcListener, check_scope
-from tests.conftest import free_port
+from tests.conftest import base_env, free_port, run_cli, start_authgate
 from tests.inproc import create, running, settings_for
 from tests.test_decision import CLIENT_IP, ROWS, SCOPED, Row, build, make_tokens, route_config
 
 pytestmark = pytest.mark.anyio
 
+CREATE = (
+    "token",
+    "create",
+    "--name",
+    "t",
+    "--org",
+    "acme",
+    "--project",
+    "tunes",
+    "--key-type",
+    "r--",
+)
 ENVOY_PEER = "127.0.0.1"  # the downstream address Envoy reports: here the proxy in front
 
 
@@ -275,3 +288,40 @@ def test_http_data_plane_never_imports_grpc() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_serve_refuses_a_grpc_address_taken_by_another_listener(redis_url: str) -> None:
+    """`authgate serve` stops with one message when AUTHGATE_GRPC_LISTEN names another
+    listener's address."""
+    env = base_env(redis_url, AUTHGATE_LISTEN="127.0.0.1:18080")
+    env["AUTHGATE_GRPC_LISTEN"] = "127.0.0.1:18080"
+    proc = run_cli(env, "serve", check=False)
+    assert proc.returncode != 0
+    assert "AUTHGATE_GRPC_LISTEN: must differ from the other listeners" in proc.stderr
+
+
+async def test_authgate_serve_with_two_workers_answers_checks(redis_url: str) -> None:
+    """With two workers sharing AUTHGATE_GRPC_LISTEN, `authgate serve` answers Check on
+    every connection (eight at once), allowing and denying as the table says."""
+    port = free_port()
+    env = base_env(redis_url, AUTHGATE_GRPC_LISTEN=f"127.0.0.1:{port}")
+    token = orjson.loads(run_cli(env, *CREATE, "--json").stdout)["token"]
+    ag = start_authgate(env, workers=2)
+    request = check_request("GET", f"{SCOPED}?pwt={token}", {"x-power-token": token})
+
+    async def ask() -> list[Any]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+            return list(await asyncio.gather(*(stub.Check(request) for _ in range(5))))
+
+    try:
+        answers = [a for batch in await asyncio.gather(*(ask() for _ in range(8))) for a in batch]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+            missing = await stub.Check(check_request("GET", SCOPED, {}))
+    finally:
+        ag.stop()
+    assert len(answers) == 40
+    assert all(a.status.code == 0 and ok_headers(a)[":path"] == SCOPED for a in answers)
+    assert denied(missing)[0] == 401
+    assert "Traceback" not in ag.log()
