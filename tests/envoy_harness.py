@@ -209,6 +209,7 @@ def send(
     method: str = "GET",
     headers: dict[str, str] | None = None,
     source: str | None = None,
+    body: bytes | None = None,
     timeout: float = 10.0,
 ) -> Reply:
     """One request with `target` exactly as given and exactly one Host header (Envoy picks
@@ -221,7 +222,9 @@ def send(
         conn.putheader("Host", host)
         for name, value in (headers or {}).items():
             conn.putheader(name, value)
-        conn.endheaders()
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
         resp = conn.getresponse()
         return Reply(resp.status, list(resp.getheaders()), resp.read())
     finally:

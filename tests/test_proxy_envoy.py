@@ -92,6 +92,7 @@ class Proxy:
         method: str = "GET",
         headers: dict[str, str] | None = None,
         source: str = CLIENT,
+        body: bytes | None = None,
     ) -> Reply:
         return send(
             self.envoy.ports.listen,
@@ -100,6 +101,7 @@ class Proxy:
             method=method,
             headers=headers,
             source=source,
+            body=body,
         )
 
 
@@ -203,6 +205,22 @@ def test_the_query_reaches_the_api_as_sent_without_token_parameters(
     assert reply.status == 200, reply.text()
     (seen,) = upstream_saw(stack)
     assert seen["target"] == f"{SCOPED}?b=%26c%3Dd&a=1&z"
+
+
+def test_an_allowed_request_body_reaches_the_api(proxy: Proxy, stack: Stack) -> None:
+    """A POST that authgate allows reaches the API with its method and body (authgate is
+    asked without the body)."""
+    token = stack.tokens["rw"]
+    stack.echo.clear()
+    reply = proxy.ask(
+        f"{SCOPED}?pwt={token}",
+        method="POST",
+        headers={"X-Power-Token": token, "Content-Type": "application/json"},
+        body=b'{"name": "x"}',
+    )
+    assert reply.status == 200, reply.text()
+    (seen,) = upstream_saw(stack)
+    assert (seen["method"], seen["body_length"]) == ("POST", 13)
 
 
 def test_identity_headers_come_from_the_decision_only(proxy: Proxy, stack: Stack) -> None:
