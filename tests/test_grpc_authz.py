@@ -242,6 +242,17 @@ async def test_a_request_without_a_path_is_refused(redis_url: str, path: str) ->
     assert (status, body["error"]["code"]) == (400, "BAD_REQUEST")
 
 
+async def test_non_ascii_bytes_travel_unchanged(redis_url: str) -> None:
+    """A query holding UTF-8 (which Envoy passes as it came) reaches `:path` as those
+    bytes."""
+    async with serving(settings_for(redis_url)) as (runtime, _client, stub):
+        token, _ = await create(runtime)
+        response = await stub.Check(
+            check_request("GET", f"{SCOPED}?q=café&pwt={token}", {"x-power-token": token})
+        )
+    assert ok_headers(response)[":path"] == f"{SCOPED}?q=café"
+
+
 def test_check_scope_is_the_envoy_http_dialect() -> None:
     """A CheckRequest reads as Envoy's HTTP form: /ext-authz/<path> on the request line,
     the query apart, header names lower-cased, the source as the peer."""

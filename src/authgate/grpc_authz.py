@@ -49,7 +49,8 @@ def check_scope(request: Any) -> Scope:
     """The ASGI-like scope `RequestReader.read` expects, from a CheckRequest: Envoy's
     `/ext-authz/<path>` dialect, with the request's own method, path and headers, and the
     downstream address Envoy saw as the peer (so X-Real-IP/X-Forwarded-For count only
-    when that address is a trusted proxy, exactly as for an HTTP caller)."""
+    when that address is a trusted proxy, exactly as for an HTTP caller). The messages'
+    strings are the request's bytes read as UTF-8; encoded again, they are those bytes."""
     attributes = request.attributes
     http = attributes.request.http
     path, _, query = http.path.partition("?")
@@ -58,18 +59,18 @@ def check_scope(request: Any) -> Scope:
     headers: list[tuple[bytes, bytes]] = []
     if http.header_map.headers:  # Envoy's encode_raw_headers form
         for h in http.header_map.headers:
-            headers.append((h.key.lower().encode("latin-1"), h.raw_value or h.value.encode()))
+            headers.append((h.key.lower().encode(), h.raw_value or h.value.encode()))
     else:
         for key, value in http.headers.items():
-            headers.append((key.lower().encode("latin-1"), value.encode("latin-1")))
+            headers.append((key.lower().encode(), value.encode()))
     socket = attributes.source.address.socket_address
-    raw_path = (PREFIX + path).encode("latin-1")
+    raw_path = (PREFIX + path).encode()
     return {
         "type": "http",
         "method": http.method.upper(),
         "path": PREFIX + path,
         "raw_path": raw_path,
-        "query_string": query.encode("latin-1"),
+        "query_string": query.encode(),
         "headers": headers,
         "client": (socket.address, socket.port_value) if socket.address else None,
     }
@@ -113,9 +114,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             ok = external_auth_pb2.OkHttpResponse(
                 headers=[
                     base_pb2.HeaderValueOption(
-                        header=base_pb2.HeaderValue(
-                            key=name.decode("latin-1"), value=value.decode("latin-1")
-                        ),
+                        header=base_pb2.HeaderValue(key=name.decode(), value=value.decode()),
                         append_action=_OVERWRITE,
                     )
                     for name, value in pairs
