@@ -235,6 +235,10 @@ CUSTOM_RESOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     "HTTPRoute": ("gateway.networking.k8s.io/v1", ("spec.parentRefs", "spec.rules")),
     "ReferenceGrant": ("gateway.networking.k8s.io/v1beta1", ("spec.from", "spec.to")),
     "SecurityPolicy": ("gateway.envoyproxy.io/v1alpha1", ("spec.targetRefs", "spec.extAuth")),
+    "ClientTrafficPolicy": ("gateway.envoyproxy.io/v1alpha1", ("spec.targetRefs",)),
+    "EnvoyProxy": ("gateway.envoyproxy.io/v1alpha1", ("spec.telemetry",)),
+    "EnvoyExtensionPolicy": ("gateway.envoyproxy.io/v1alpha1", ("spec.targetRefs", "spec.lua")),
+    "EnvoyPatchPolicy": ("gateway.envoyproxy.io/v1alpha1", ("spec.targetRef", "spec.jsonPatches")),
     "Middleware": ("traefik.io/v1alpha1", ("spec",)),
     "IngressRoute": ("traefik.io/v1alpha1", ("spec.entryPoints", "spec.routes")),
 }

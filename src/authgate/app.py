@@ -18,7 +18,7 @@ from .backend import connect, connect_lookups, connect_subscriber, mapped_errors
 from .cache import TokenCache
 from .config import Settings, load_settings
 from .dataplane import DataPlane
-from .errors import BackendUnavailable
+from .errors import BackendUnavailable, ConfigError
 from .invalidation import Invalidator
 from .issued import IssuedTokens
 from .listeners import listener
@@ -139,6 +139,22 @@ class WorkerApp:
         self.admin = admin
         listen = runtime.settings.admin_listen
         self.admin_listener = listener(listen) if listen is not None else None
+        self.grpc: Any = None
+
+    async def start_grpc(self) -> None:
+        """Envoy's ext_authz gRPC listener, when AUTHGATE_GRPC_LISTEN is set: imported only
+        then, so the HTTP data plane never loads grpcio."""
+        settings = self.runtime.settings
+        if settings.grpc_listen is None:
+            return
+        try:
+            from .grpc_authz import GrpcListener
+        except ImportError as exc:
+            raise ConfigError(
+                f"AUTHGATE_GRPC_LISTEN: needs the grpc extra (pip install 'authgate[grpc]'): {exc}"
+            ) from None
+        self.grpc = GrpcListener(settings, self.runtime.authorizer)
+        await self.grpc.start()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -167,8 +183,11 @@ class WorkerApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 await self.runtime.start()
+                await self.start_grpc()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.grpc is not None:
+                    await self.grpc.stop()
                 await self.runtime.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

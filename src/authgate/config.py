@@ -93,6 +93,7 @@ class Settings:
     listen: tuple[str, int] = ("127.0.0.1", 8080)
     metrics_listen: tuple[str, int] = ("127.0.0.1", 9180)
     admin_listen: tuple[str, int] | None = None
+    grpc_listen: tuple[str, int] | None = None  # Envoy ext_authz gRPC (authgate[grpc])
     workers: int = 1
     cache_ttl: float = 30.0
     cache_size: int = 200_000
@@ -198,6 +199,7 @@ _KEYS: dict[str, str] = {
     "listen": "listen",
     "metrics_listen": "listen",
     "admin_listen": "listen",
+    "grpc_listen": "listen",
     "workers": "int",
     "cache_ttl": "duration",
     "cache_size": "int",

@@ -9,6 +9,7 @@ protocol the management API's.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 import shutil
@@ -65,6 +66,13 @@ def bind(name: str, address: tuple[str, int]) -> socket.socket:
     return sock
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a parent package is missing
+        return False
+
+
 def prepare_metrics_dir(settings: Settings) -> tuple[str, bool]:
     """A clean multiprocess directory; returns (path, whether we created it)."""
     if settings.metrics_dir:
@@ -101,6 +109,15 @@ def serve(settings: Settings, workers: int) -> None:
         listeners.append(("AUTHGATE_ADMIN_LISTEN", settings.admin_listen))
     if settings.metrics_listen in (settings.listen, settings.admin_listen):
         raise ConfigError("AUTHGATE_METRICS_LISTEN: must differ from the other listeners")
+    if settings.grpc_listen is not None:
+        others = (settings.listen, settings.admin_listen, settings.metrics_listen)
+        if settings.grpc_listen in others:
+            raise ConfigError("AUTHGATE_GRPC_LISTEN: must differ from the other listeners")
+        # Each worker serves it; a missing extra stops start-up here, once.
+        if not all(_importable(m) for m in ("grpc", "envoy.service.auth.v3.external_auth_pb2")):
+            raise ConfigError(
+                "AUTHGATE_GRPC_LISTEN: needs the grpc extra (pip install 'authgate[grpc]')"
+            )
 
     down = asyncio.run(preflight.at_start(settings))  # ConfigError: not Redis, wrong pepper
 
@@ -136,7 +153,10 @@ def serve(settings: Settings, workers: int) -> None:
         log_config=logs.dict_config(settings.log_format, settings.log_level),
         **{**SERVER_OPTIONS, "http": DATA_PLANE_HTTP},
     )
-    names = ", ".join(f"{n}={h}:{p}" for n, (h, p) in listeners)
+    named = [*listeners]
+    if settings.grpc_listen is not None:
+        named.append(("AUTHGATE_GRPC_LISTEN", settings.grpc_listen))
+    names = ", ".join(f"{n}={h}:{p}" for n, (h, p) in named)
     log.info(
         "authgate %s serving %s, metrics on %s:%d, %d worker(s)",
         __version__,
