@@ -780,7 +780,14 @@ def nginx_test(conf: str, workdir: Path) -> None:
 def test_ingress_snippets_map_folded_denials_back_and_pass_nginx_t(tmp_path: Path) -> None:
     """The snippet variant restores authgate's real status and JSON body from
     X-Authgate-Status/X-Authgate-Error, blanks other dialects' headers in the auth request,
-    drops keep-alive (which skips auth_request_set), and its snippets pass `nginx -t`."""
+    proxies with authgate's X-Authgate-Uri, has no keep-alive (which skips
+    auth_request_set), and the location the controller renders with it passes `nginx -t`
+    (tests/test_proxy_ingress_nginx.py runs it)."""
+    from tests.ingress_nginx_harness import load
+    from tests.ingress_nginx_harness import render as render_controller
+    from tests.nginx_harness import nginx_test as nginx_check
+    from tests.nginx_harness import wheel_nginx
+
     (ing,) = render("overlays/ingress-nginx-snippets").of_kind("Ingress")
     ann = ing["metadata"]["annotations"]
     prefix = "nginx.ingress.kubernetes.io/"
@@ -790,39 +797,63 @@ def test_ingress_snippets_map_folded_denials_back_and_pass_nginx_t(tmp_path: Pat
     auth = ann[prefix + "auth-snippet"]
     assert "$upstream_http_x_authgate_status" in location
     assert "$upstream_http_x_authgate_error" in location
-    assert re.search(r"error_page 401 403 = @(\w+);", location)
+    assert "$upstream_http_x_authgate_uri" in location
+    assert re.search(r"error_page 401 403 500 = @(\w+);", location)
     for status in (404, 503, 400, 403, 401):
         assert f"return {status} $authgate_error;" in server
+    assert "proxy_pass http://upstream_balancer$authgate_uri;" in server
     assert 'proxy_set_header X-Forwarded-Uri "";' in auth
-    (tmp_path / "cache").mkdir()
-    nginx_test(
-        f"""
-        pid {tmp_path}/nginx.pid;
-        events {{}}
-        http {{
-            client_body_temp_path {tmp_path}/cache/body;
-            proxy_temp_path {tmp_path}/cache/proxy;
-            fastcgi_temp_path {tmp_path}/cache/fastcgi;
-            uwsgi_temp_path {tmp_path}/cache/uwsgi;
-            scgi_temp_path {tmp_path}/cache/scgi;
-            server {{
-                listen 127.0.0.1:1;
-                {server}
-                location = /_external-auth {{
-                    internal;
-                    {auth}
-                    proxy_pass http://127.0.0.1:2/auth;
-                }}
-                location / {{
-                    auth_request /_external-auth;
-                    {location}
-                    proxy_pass http://127.0.0.1:3;
-                }}
-            }}
-        }}
-        """,
+    rendered = render_controller(
+        load("overlays/ingress-nginx-snippets"),
         tmp_path,
+        authgate="127.0.0.1:1",
+        upstream="127.0.0.1:2",
+        port=free_port(),
     )
+    checked = nginx_check(wheel_nginx(), rendered)
+    assert checked.returncode == 0, checked.stderr
+
+
+CONTROLLER_CONFIGMAPS = ["overlays/ingress-nginx", "overlays/ingress-nginx-snippets"]
+# Variables that can carry a token (request line, query, referer, basic-auth user).
+TOKEN_VARIABLES = re.compile(
+    r"\$(request|request_uri|args|query_string|arg_\w+|http_referer|remote_user|"
+    r"http_x_power_token|http_x_api_key|http_authorization)\b"
+)
+
+
+@pytest.mark.parametrize("overlay", CONTROLLER_CONFIGMAPS)
+def test_controller_configmap_keeps_tokens_out_of_the_controller_logs(overlay: str) -> None:
+    """The controller ConfigMap each ingress-nginx overlay ships is a valid ConfigMap whose
+    access-log format names no variable that can carry a token and whose error log takes
+    only start-up failures (every other level can carry a request line, pwt included)."""
+    doc = yaml.safe_load((K8S / overlay / "controller-configmap.yaml").read_text())
+    for version in SCHEMA_VERSIONS:
+        kubernetes_validate.validate(doc, version, strict=True)
+    data = doc["data"]
+    assert all(isinstance(v, str) for v in data.values())
+    log_format = data["log-format-upstream"]
+    assert "$uri" in log_format and not TOKEN_VARIABLES.search(log_format)
+    assert data["error-log-level"] == "emerg"
+    assert data["use-forwarded-headers"] == "false"
+    if data["log-format-escape-json"] == "true":
+        sample = re.sub(r"\$\w+", "0", log_format)
+        assert isinstance(json.loads(sample), dict)
+
+
+def test_snippets_configmap_is_the_plain_one_plus_the_snippet_switches() -> None:
+    """The snippets overlay's controller ConfigMap repeats the plain one's settings and
+    adds only what snippet annotations need, so the two cannot drift apart."""
+    plain, snippets = (
+        yaml.safe_load((K8S / o / "controller-configmap.yaml").read_text())
+        for o in CONTROLLER_CONFIGMAPS
+    )
+    assert snippets["metadata"] == plain["metadata"]
+    assert snippets["data"] == {
+        **plain["data"],
+        "allow-snippet-annotations": "true",
+        "annotations-risk-level": "Critical",
+    }
 
 
 # --------------------------------------------------------------------------- sidecar
