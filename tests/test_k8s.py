@@ -223,6 +223,7 @@ CUSTOM_RESOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     "SecurityPolicy": ("gateway.envoyproxy.io/v1alpha1", ("spec.targetRefs", "spec.extAuth")),
     "Middleware": ("traefik.io/v1alpha1", ("spec",)),
     "IngressRoute": ("traefik.io/v1alpha1", ("spec.entryPoints", "spec.routes")),
+    "NginxProxy": ("gateway.nginx.org/v1alpha2", ("spec",)),
 }
 
 
@@ -1070,6 +1071,26 @@ def test_gateway_fabric_external_auth_asks_authgate_ext_authz() -> None:
     assert_reference_granted(built, "gateway.networking.k8s.io", "HTTPRoute", route, ref)
     (gateway,) = built.of_kind("Gateway")
     assert route["spec"]["parentRefs"][0]["name"] == gateway["metadata"]["name"]
+    modifiers = [
+        f["requestHeaderModifier"] for f in filters if f["type"] == "RequestHeaderModifier"
+    ]
+    assert [header_set(m["remove"]) for m in modifiers] == [{"x-power-token"}]
+
+
+def test_gateway_fabric_logging_keeps_tokens_out_of_nginx_logs() -> None:
+    """The Gateway names an NginxProxy whose access-log format has no variable that can
+    carry a token and whose error log takes only start-up failures."""
+    built = render("overlays/gateway-api/nginx-gateway-fabric")
+    (gateway,) = built.of_kind("Gateway")
+    params = gateway["spec"]["infrastructure"]["parametersRef"]
+    assert (params["group"], params["kind"]) == ("gateway.nginx.org", "NginxProxy")
+    proxy = built.get("NginxProxy", params["name"], gateway["metadata"]["namespace"])
+    logging = proxy["spec"]["logging"]
+    assert logging["errorLevel"] == "emerg"
+    log_format = logging["accessLog"]["format"]
+    assert "$uri" in log_format and not TOKEN_VARIABLES.search(log_format)
+    assert "'" not in log_format and logging["accessLog"]["escape"] == "json"
+    assert isinstance(json.loads(re.sub(r"\$\w+", "0", log_format)), dict)
 
 
 def assert_reference_granted(
@@ -1184,7 +1205,12 @@ def proxied(form: str, method: str, uri: str, client: dict[str, str]) -> tuple[s
     assert form == "nginx-gateway-fabric"
     built = render("overlays/gateway-api/nginx-gateway-fabric")
     (route,) = built.of_kind("HTTPRoute")
-    (ext,) = [f["externalAuth"] for r in route["spec"]["rules"] for f in r.get("filters", [])]
+    (ext,) = [
+        f["externalAuth"]
+        for r in route["spec"]["rules"]
+        for f in r.get("filters", [])
+        if f["type"] == "ExternalAuth"
+    ]
     wanted = header_set(ext["http"].get("allowedHeaders", []))
     headers = {k: v for k, v in lower.items() if k in wanted}
     headers.update({"host": "api.example.com", "path": uri, "method": method})
