@@ -33,7 +33,7 @@ import redis
 
 from authgate.tokens import generate
 from tests.conftest import ROOT, Valkey, base_env, free_port, run_cli, start_authgate
-from tests.echo_upstream import EchoUpstream
+from tests.echo_upstream import APP_PAGE, EchoUpstream
 from tests.ingress_nginx_harness import DEBIAN_NGINX, Controller, load, lua_nginx, render
 from tests.nginx_harness import Nginx, Reply, nginx_binary, request
 from tests.test_nginx_gateway import (
@@ -72,6 +72,15 @@ def controller(form: str) -> Controller:
         return load(SNIPPETS, config={"error-log-level": "info"})
     if form == "keepalive":
         return load(ANNOTATIONS, annotations=KEEPALIVE, config={"use-http2": "false"})
+    if form == "keepalive_declared":
+        # The variable the controller's Lua writes last, declared by a snippet.
+        snippet = {"configuration-snippet": "set $authHeader9 '';"}
+        switches = {"allow-snippet-annotations": "true", "annotations-risk-level": "Critical"}
+        return load(
+            ANNOTATIONS,
+            annotations={**KEEPALIVE, **snippet},
+            config={"use-http2": "false", **switches},
+        )
     return load(ANNOTATIONS, configmap=None if form == "defaults" else "")
 
 
@@ -138,10 +147,10 @@ def stack(valkey: Valkey, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             "_redis_down": f"127.0.0.1:{no_redis.port}",
             "_authgate_down": f"127.0.0.1:{free_port()}",  # nothing listens there
         }
-        wanted = [("defaults", "")]
+        wanted = [("defaults", ""), ("keepalive_declared", "")]
         wanted += [(form, via) for form in FORMS for via in neighbours]
         for form, via in wanted:
-            lua = form == "keepalive"
+            lua = form.startswith("keepalive")
             if lua and NO_LUA:
                 continue
             rendered = render(
@@ -253,6 +262,19 @@ def test_keepalive_form_answers_every_allowed_request_with_500(stack: Stack) -> 
     reply = stack.send("keepalive", both("ro"))
     assert reply.status == 500, reply.text()
     assert stack.echo.received == []
+
+
+def test_keepalive_form_cannot_be_repaired_by_declaring_the_variable(stack: Stack) -> None:
+    """Declaring the variable the controller's Lua writes last stops the 500 but not the
+    harm: the template sends header i from $authHeader<i> while the Lua stores header i's
+    answer in $authHeader<i+1> (and looks names up case-sensitively), so the API never
+    gets the decision's identity under its names: X-Org-Id is always empty."""
+    stack.echo.clear()
+    reply = stack.send("keepalive_declared", both("ro"))
+    assert reply.status == 200, reply.text()
+    (record,) = stack.echo.received
+    assert header_values(record, "X-Org-Id") == []
+    assert header_values(record, "X-Project-Id") != ["tunes"]
 
 
 def test_keepalive_needs_use_http2_off() -> None:
@@ -451,6 +473,20 @@ def test_snippets_keep_the_other_query_parameters(stack: Stack) -> None:
     (record,) = stack.echo.received
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(record["target"]).query)
     assert query == {"app_id": ["app-1"], "x": ["1"]}
+
+
+@pytest.mark.parametrize("mode", ["forbidden", "not_found", "error"])
+def test_snippets_pass_the_upstreams_own_errors_through(stack: Stack, mode: str) -> None:
+    """The mapping applies to authgate's answers only: an error page of the API itself
+    (403, 404, 500) reaches the client as the API sent it."""
+    stack.echo.app_mode = mode
+    try:
+        reply = stack.send("snippets", both("app", APP_PAGE, query="app_id=app-1"))
+    finally:
+        stack.echo.app_mode = "page"
+    assert reply.status == {"forbidden": 403, "not_found": 404, "error": 500}[mode]
+    assert reply.header("Content-Type") == "text/html"
+    assert b"app app-1" in reply.body
 
 
 # -- 3. logs ----------------------------------------------------------------------------------
