@@ -74,7 +74,8 @@ def controller(form: str) -> Controller:
         return load(ANNOTATIONS, annotations=KEEPALIVE, config={"use-http2": "false"})
     if form == "keepalive_declared":
         # The variable the controller's Lua writes last, declared by a snippet.
-        snippet = {"configuration-snippet": "set $authHeader9 '';"}
+        listed = load(ANNOTATIONS).annotations["auth-response-headers"].split(",")
+        snippet = {"configuration-snippet": f"set $authHeader{len(listed)} '';"}
         switches = {"allow-snippet-annotations": "true", "annotations-risk-level": "Critical"}
         return load(
             ANNOTATIONS,
@@ -312,6 +313,40 @@ def test_upstream_gets_identity_from_the_decision_and_no_token_header(
     }
     assert {name: header_values(record, name) for name in expected} == expected
     assert stack.value("ro") not in json.dumps(record["headers"])
+
+
+# Headers upstreams act on: method overrides, original-URL routing, prefix claims.
+ACTED_ON = [
+    ("X-HTTP-Method-Override", "DELETE"),
+    ("X-Method-Override", "DELETE"),
+    ("X-HTTP-Method", "DELETE"),
+    ("X-Original-Method", "DELETE"),
+    ("X-Forwarded-Method", "DELETE"),
+    ("X-Original-URL", SYSTEM),
+    ("X-Rewrite-URL", SYSTEM),
+    ("X-Original-URI", SYSTEM),
+    ("X-Forwarded-Uri", SYSTEM),
+    ("X-Forwarded-Prefix", "/minimal/api/system"),
+    ("X-Forwarded-Server", "evil"),
+    ("Forwarded", "for=10.1.2.3;host=evil"),
+]
+
+
+@pytest.mark.parametrize("form", ["annotations", "snippets"])
+@pytest.mark.parametrize("header", [pytest.param(h, id=h[0].lower()) for h in ACTED_ON])
+def test_headers_upstreams_act_on_do_not_reach_the_upstream(
+    stack: Stack, form: str, header: tuple[str, str]
+) -> None:
+    """A method-override, original-URL or prefix header the client sends is removed, so
+    the upstream cannot run another method or route to another path than authgate judged
+    (or authgate refuses the request, which the original-URI headers contradict)."""
+    stack.echo.clear()
+    reply = stack.send(form, both("ro"), headers=[header])
+    received = stack.echo.received
+    assert reply.status in {200, 400, 403}, reply.text()
+    assert len(received) == (1 if reply.status == 200 else 0)
+    for record in received:
+        assert header_values(record, header[0]) == []
 
 
 @pytest.mark.parametrize("form", ["annotations", "snippets"])

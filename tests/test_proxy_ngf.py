@@ -55,7 +55,7 @@ from tests.test_nginx_gateway import (
     header_values,
     wait_until_expired,
 )
-from tests.test_proxy_ingress_nginx import DISGUISED, FOLDED, Stack
+from tests.test_proxy_ingress_nginx import ACTED_ON, DISGUISED, FOLDED, Stack
 
 pytestmark = pytest.mark.nginx
 
@@ -317,6 +317,19 @@ def test_upstream_gets_identity_from_the_decision_and_no_token_header(stack: Sta
         "X-Power-Token": [],
     }
     assert {name: header_values(record, name) for name in expected} == expected
+
+
+@pytest.mark.parametrize("header", [pytest.param(h, id=h[0].lower()) for h in ACTED_ON])
+def test_headers_upstreams_act_on_do_not_reach_the_upstream(
+    stack: Stack, header: tuple[str, str]
+) -> None:
+    """The RequestHeaderModifier removes method-override, original-URL and prefix headers
+    a client sends, so the upstream cannot run another method or route elsewhere."""
+    stack.echo.clear()
+    reply = stack.send("ngf", both("ro"), headers=[header])
+    assert reply.status == 200, reply.text()
+    (record,) = stack.echo.received
+    assert header_values(record, header[0]) == []
 
 
 @pytest.mark.parametrize(
