@@ -285,6 +285,52 @@ def test_keepalive_needs_use_http2_off() -> None:
     assert controller("keepalive").keepalive
 
 
+@pytest.mark.parametrize("form", ["annotations", "snippets"])
+def test_request_body_reaches_the_upstream_once(stack: Stack, form: str) -> None:
+    """An allowed write carries its body to the upstream (the auth subrequest never gets
+    it), also when the snippets proxy it from @authgate_upstream."""
+    stack.echo.clear()
+    call = both("rw", method="POST")
+    body = b"x" * 20_000
+    token = stack.value("rw")
+    reply = request(
+        stack.nginx[form].api_port,
+        stack.target(call),
+        method="POST",
+        headers=[("X-Power-Token", token)],
+        body=body,
+    )
+    assert reply.status == 200, reply.text()
+    assert [(r["method"], r["body_length"]) for r in stack.echo.received] == [("POST", len(body))]
+
+
+INTERNAL = ("x-authgate-", "x-org-id", "x-token-id", "x-user-id", "x-key-type")
+
+
+@pytest.mark.parametrize("form", ["annotations", "snippets", "keepalive"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(both("ro"), id="allowed"),
+        pytest.param(both("never_created"), id="invalid"),
+        pytest.param(both("ro", SYSTEM), id="admin-required"),
+        pytest.param(both("ro", via="redis_down"), id="unavailable"),
+    ],
+)
+def test_client_never_sees_authgates_answer_headers_or_the_token(
+    stack: Stack, form: str, call: Call
+) -> None:
+    """Neither authgate's answer headers (X-Authgate-*, identity) nor the token reach the
+    client, allowed or denied. (An allowed body is the echo upstream's report of what it
+    received, so only a denial's body is checked.)"""
+    reply = stack.send(form, call)
+    names = [name.lower() for name, _ in reply.headers]
+    assert not [n for n in names if n.startswith(INTERNAL)], names
+    shown = reply.text() if reply.status != 200 else str(reply.headers)
+    for secret in stack.secrets():
+        assert secret not in shown
+
+
 # -- 2. what the upstream receives -----------------------------------------------------------
 
 
