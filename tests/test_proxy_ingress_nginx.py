@@ -19,11 +19,13 @@ the whole module produced.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import signal
 import socket
 import urllib.parse
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +33,9 @@ from typing import Any
 import pytest
 import redis
 
+from authgate.cli import main as cli_main
 from authgate.tokens import generate
-from tests.conftest import ROOT, Valkey, base_env, free_port, run_cli, start_authgate
+from tests.conftest import ROOT, Valkey, base_env, free_port, start_authgate
 from tests.echo_upstream import APP_PAGE, EchoUpstream
 from tests.ingress_nginx_harness import DEBIAN_NGINX, Controller, load, lua_nginx, render
 from tests.nginx_harness import Nginx, Reply, nginx_binary, request
@@ -45,7 +48,6 @@ from tests.test_nginx_gateway import (
     SYSTEM,
     TOKENS,
     Call,
-    _create,
     _flip_last,
     both,
     header_values,
@@ -63,6 +65,42 @@ FORMS = ["annotations", "snippets", "keepalive", "snippets_verbose"]
 
 # Without snippets nginx answers a denial itself: only 401 and 403, its own HTML page.
 FOLDED = {401: 401, 403: 403, 404: 401, 503: 401, 400: 403}
+
+
+def cli(env: dict[str, str], *args: str) -> Any:
+    """`authgate ARGS --json` run in this process (the CLI's own code, without a Python
+    start-up per token), its JSON output parsed."""
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        for key, value in env.items():
+            if key.startswith("AUTHGATE_"):
+                mp.setenv(key, value)
+        assert cli_main([*args, "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+def make_tokens(env: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The tokens of test_nginx_gateway's TOKENS (revoked and deleted ones too) plus
+    malformed and unknown ones."""
+    base = ["token", "create", "--org", "acme", "--project", "tunes"]
+    tokens = {n: cli(env, *base, "--name", n, *a) for n, a in TOKENS.items()}
+    cli(env, "token", "revoke", tokens["revoked"]["id"])
+    cli(env, "token", "delete", tokens["deleted"]["id"])
+    ro = str(tokens["ro"]["token"])
+    tokens["short"] = {"token": "min_short"}
+    tokens["bad_checksum"] = {"token": _flip_last(ro)}
+    tokens["other_prefix"] = {"token": "ak_live_" + ro[len("min_") :]}
+    tokens["never_created"] = {"token": generate("min_")}
+    return tokens
+
+
+def stop_all(servers: list[Nginx]) -> None:
+    """Ask every nginx to quit at once, then wait for each."""
+    for server in servers:
+        if server.proc is not None and server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGQUIT)
+    for server in servers:
+        server.stop()
 
 
 def controller(form: str) -> Controller:
@@ -126,30 +164,27 @@ def stack(valkey: Valkey, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     started = []
     servers: list[Nginx] = []
     echo = EchoUpstream().start()
+    hung = socket.socket()  # accepts connections (backlog) and never answers
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
     try:
         authgate = start_authgate(env)
         started.append(authgate)
         no_redis_env = base_env(f"redis://127.0.0.1:{free_port()}/0", AUTHGATE_CONFIG=str(config))
         no_redis = start_authgate(no_redis_env, wait_ready=False)
         started.append(no_redis)
-        with ThreadPoolExecutor(6) as pool:
-            futures = {n: pool.submit(_create, env, n, a) for n, a in TOKENS.items()}
-            tokens = {n: f.result() for n, f in futures.items()}
-        run_cli(env, "token", "revoke", tokens["revoked"]["id"])
-        run_cli(env, "token", "delete", tokens["deleted"]["id"])
-        ro = str(tokens["ro"]["token"])
-        tokens["short"] = {"token": "min_short"}
-        tokens["bad_checksum"] = {"token": _flip_last(ro)}
-        tokens["other_prefix"] = {"token": "ak_live_" + ro[len("min_") :]}
-        tokens["never_created"] = {"token": generate("min_")}
+        tokens = make_tokens(env)
         st = Stack(echo, tokens)
         neighbours = {
             "": f"127.0.0.1:{authgate.port}",
             "_redis_down": f"127.0.0.1:{no_redis.port}",
             "_authgate_down": f"127.0.0.1:{free_port()}",  # nothing listens there
+            "_hung": f"127.0.0.1:{hung.getsockname()[1]}",
+            "_impostor": echo.address,  # answers 200 without X-Authgate-Uri
         }
         wanted = [("defaults", ""), ("keepalive_declared", "")]
-        wanted += [(form, via) for form in FORMS for via in neighbours]
+        wanted += [("snippets", "_hung"), ("snippets", "_impostor")]
+        wanted += [(form, via) for form in FORMS for via in list(neighbours)[:3]]
         for form, via in wanted:
             lua = form.startswith("keepalive")
             if lua and NO_LUA:
@@ -167,11 +202,11 @@ def stack(valkey: Valkey, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             servers.append(st.nginx[form + via])
         yield st
     finally:
-        for server in servers:
-            server.stop()
+        stop_all(servers)
         for ag in started:
             ag.stop()
         echo.stop()
+        hung.close()
 
 
 def error_of(reply: Reply) -> dict[str, Any]:
@@ -570,6 +605,25 @@ def test_snippets_pass_the_upstreams_own_errors_through(stack: Stack, mode: str)
     assert b"app app-1" in reply.body
 
 
+@pytest.mark.parametrize(
+    "via",
+    [
+        pytest.param("hung", id="authgate-never-answers"),
+        pytest.param("impostor", id="answer-without-authorised-uri"),
+    ],
+)
+def test_snippets_answer_503_json_when_authgate_gives_no_usable_decision(
+    stack: Stack, via: str
+) -> None:
+    """authgate accepting connections but never answering (the auth-snippet's 2 s
+    timeout), or a 200 without X-Authgate-Uri, gives 503 UNAVAILABLE with the JSON body,
+    and nothing reaches the upstream."""
+    stack.echo.clear()
+    reply = stack.send("snippets", both("ro", via=via))
+    assert (reply.status, error_of(reply)["code"]) == (503, "UNAVAILABLE"), reply.text()
+    assert [r for r in stack.echo.received if r["target"].startswith("/minimal/api/")] == []
+
+
 # -- 3. logs ----------------------------------------------------------------------------------
 
 
@@ -577,18 +631,15 @@ def logs_of(stack: Stack, name: str) -> str:
     return stack.nginx[name].rendered.logs()
 
 
-def test_controller_defaults_would_log_tokens(stack: Stack) -> None:
-    """Control: with the controller's default log format ($request) and error-log level
-    the token lands in its logs. This is what controller-configmap.yaml prevents."""
-    reply = stack.send("defaults", both("ro"))
-    assert reply.status == 200
-    assert stack.value("ro") in logs_of(stack, "defaults")
-
-
 def test_shipped_controller_settings_keep_tokens_out_of_every_log(stack: Stack) -> None:
     """Last in the module: after every request above (allowed, denied, authgate or Redis
     down, spoofed headers), no access or error log of a form running the shipped
-    controller ConfigMap holds a token value or a pwt parameter."""
+    controller ConfigMap holds a token value or a pwt parameter. Control: with the
+    controller's default log format ($request) the token lands in its log. The servers
+    are stopped first, so every line is written."""
+    assert stack.send("defaults", both("ro")).status == 200
+    stop_all(list(stack.nginx.values()))
+    assert stack.value("ro") in logs_of(stack, "defaults")
     checked = [n for n in stack.nginx if n != "defaults" and not n.startswith("snippets_verbose")]
     assert len(checked) >= 6
     for name in checked:

@@ -28,7 +28,6 @@ import json
 import os
 import pwd
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,7 @@ from typing import Any
 import pytest
 import redis
 
-from authgate.tokens import generate
-from tests.conftest import ROOT, Valkey, base_env, free_port, run_cli, start_authgate
+from tests.conftest import ROOT, Valkey, base_env, free_port, start_authgate
 from tests.echo_upstream import EchoUpstream
 from tests.ingress_nginx_harness import kustomize
 from tests.nginx_harness import Nginx, Rendered, nginx_binary
@@ -47,15 +45,19 @@ from tests.test_nginx_gateway import (
     SCOPED,
     SPOOFED,
     SYSTEM,
-    TOKENS,
     Call,
-    _create,
-    _flip_last,
     both,
     header_values,
     wait_until_expired,
 )
-from tests.test_proxy_ingress_nginx import ACTED_ON, DISGUISED, FOLDED, Stack
+from tests.test_proxy_ingress_nginx import (
+    ACTED_ON,
+    DISGUISED,
+    FOLDED,
+    Stack,
+    make_tokens,
+    stop_all,
+)
 
 pytestmark = pytest.mark.nginx
 
@@ -232,16 +234,7 @@ def stack(valkey: Valkey, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         no_redis_env = base_env(f"redis://127.0.0.1:{free_port()}/0", AUTHGATE_CONFIG=str(config))
         no_redis = start_authgate(no_redis_env, wait_ready=False)
         started.append(no_redis)
-        with ThreadPoolExecutor(6) as pool:
-            futures = {n: pool.submit(_create, env, n, a) for n, a in TOKENS.items()}
-            tokens = {n: f.result() for n, f in futures.items()}
-        run_cli(env, "token", "revoke", tokens["revoked"]["id"])
-        run_cli(env, "token", "delete", tokens["deleted"]["id"])
-        ro = str(tokens["ro"]["token"])
-        tokens["short"] = {"token": "min_short"}
-        tokens["bad_checksum"] = {"token": _flip_last(ro)}
-        tokens["other_prefix"] = {"token": "ak_live_" + ro[len("min_") :]}
-        tokens["never_created"] = {"token": generate("min_")}
+        tokens = make_tokens(env)
         st = Stack(echo, tokens)
         neighbours = {
             "ngf": f"127.0.0.1:{authgate.port}",
@@ -261,8 +254,7 @@ def stack(valkey: Valkey, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             servers.append(st.nginx[name])
         yield st
     finally:
-        for server in servers:
-            server.stop()
+        stop_all(servers)
         for ag in started:
             ag.stop()
         echo.stop()
@@ -368,16 +360,14 @@ def test_judged_path_is_the_forwarded_path_or_refused(stack: Stack, path: str) -
     assert reply.status != 200 or targets == [SCOPED], f"forwarded as {targets}"
 
 
-def test_defaults_would_log_tokens(stack: Stack) -> None:
-    """Control: without the NginxProxy's logging, nginx's `combined` access log writes the
-    request line, pwt included."""
-    assert stack.send("defaults", both("ro")).status == 200
-    assert stack.value("ro") in stack.nginx["defaults"].rendered.logs()
-
-
 def test_shipped_logging_keeps_tokens_out_of_every_log(stack: Stack) -> None:
     """Last in the module: no access or error log of the gateways running the shipped
-    NginxProxy logging holds a token value or a pwt parameter."""
+    NginxProxy logging holds a token value or a pwt parameter. Control: without it,
+    nginx's `combined` access log writes the request line, pwt included. The servers are
+    stopped first, so every line is written."""
+    assert stack.send("defaults", both("ro")).status == 200
+    stop_all(list(stack.nginx.values()))
+    assert stack.value("ro") in stack.nginx["defaults"].rendered.logs()
     for name in ("ngf", "ngf_redis_down", "ngf_authgate_down"):
         text = stack.nginx[name].rendered.logs()
         assert "pwt=" not in text, name
