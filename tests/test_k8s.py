@@ -241,6 +241,7 @@ CUSTOM_RESOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     "EnvoyPatchPolicy": ("gateway.envoyproxy.io/v1alpha1", ("spec.targetRef", "spec.jsonPatches")),
     "Middleware": ("traefik.io/v1alpha1", ("spec",)),
     "IngressRoute": ("traefik.io/v1alpha1", ("spec.entryPoints", "spec.routes")),
+    "NginxProxy": ("gateway.nginx.org/v1alpha2", ("spec",)),
 }
 
 
@@ -812,7 +813,14 @@ def nginx_test(conf: str, workdir: Path) -> None:
 def test_ingress_snippets_map_folded_denials_back_and_pass_nginx_t(tmp_path: Path) -> None:
     """The snippet variant restores authgate's real status and JSON body from
     X-Authgate-Status/X-Authgate-Error, blanks other dialects' headers in the auth request,
-    drops keep-alive (which skips auth_request_set), and its snippets pass `nginx -t`."""
+    proxies with authgate's X-Authgate-Uri, has no keep-alive (which skips
+    auth_request_set), and the location the controller renders with it passes `nginx -t`
+    (tests/test_proxy_ingress_nginx.py runs it)."""
+    from tests.ingress_nginx_harness import load
+    from tests.ingress_nginx_harness import render as render_controller
+    from tests.nginx_harness import nginx_test as nginx_check
+    from tests.nginx_harness import wheel_nginx
+
     (ing,) = render("overlays/ingress-nginx-snippets").of_kind("Ingress")
     ann = ing["metadata"]["annotations"]
     prefix = "nginx.ingress.kubernetes.io/"
@@ -822,39 +830,63 @@ def test_ingress_snippets_map_folded_denials_back_and_pass_nginx_t(tmp_path: Pat
     auth = ann[prefix + "auth-snippet"]
     assert "$upstream_http_x_authgate_status" in location
     assert "$upstream_http_x_authgate_error" in location
-    assert re.search(r"error_page 401 403 = @(\w+);", location)
+    assert "$upstream_http_x_authgate_uri" in location
+    assert re.search(r"error_page 401 403 500 = @(\w+);", location)
     for status in (404, 503, 400, 403, 401):
         assert f"return {status} $authgate_error;" in server
+    assert "proxy_pass http://upstream_balancer$authgate_uri;" in server
     assert 'proxy_set_header X-Forwarded-Uri "";' in auth
-    (tmp_path / "cache").mkdir()
-    nginx_test(
-        f"""
-        pid {tmp_path}/nginx.pid;
-        events {{}}
-        http {{
-            client_body_temp_path {tmp_path}/cache/body;
-            proxy_temp_path {tmp_path}/cache/proxy;
-            fastcgi_temp_path {tmp_path}/cache/fastcgi;
-            uwsgi_temp_path {tmp_path}/cache/uwsgi;
-            scgi_temp_path {tmp_path}/cache/scgi;
-            server {{
-                listen 127.0.0.1:1;
-                {server}
-                location = /_external-auth {{
-                    internal;
-                    {auth}
-                    proxy_pass http://127.0.0.1:2/auth;
-                }}
-                location / {{
-                    auth_request /_external-auth;
-                    {location}
-                    proxy_pass http://127.0.0.1:3;
-                }}
-            }}
-        }}
-        """,
+    rendered = render_controller(
+        load("overlays/ingress-nginx-snippets"),
         tmp_path,
+        authgate="127.0.0.1:1",
+        upstream="127.0.0.1:2",
+        port=free_port(),
     )
+    checked = nginx_check(wheel_nginx(), rendered)
+    assert checked.returncode == 0, checked.stderr
+
+
+CONTROLLER_CONFIGMAPS = ["overlays/ingress-nginx", "overlays/ingress-nginx-snippets"]
+# Variables that can carry a token (request line, query, referer, basic-auth user).
+TOKEN_VARIABLES = re.compile(
+    r"\$(request|request_uri|args|query_string|arg_\w+|http_referer|remote_user|"
+    r"http_x_power_token|http_x_api_key|http_authorization)\b"
+)
+
+
+@pytest.mark.parametrize("overlay", CONTROLLER_CONFIGMAPS)
+def test_controller_configmap_keeps_tokens_out_of_the_controller_logs(overlay: str) -> None:
+    """The controller ConfigMap each ingress-nginx overlay ships is a valid ConfigMap whose
+    access-log format names no variable that can carry a token and whose error log takes
+    only start-up failures (every other level can carry a request line, pwt included)."""
+    doc = yaml.safe_load((K8S / overlay / "controller-configmap.yaml").read_text())
+    for version in SCHEMA_VERSIONS:
+        kubernetes_validate.validate(doc, version, strict=True)
+    data = doc["data"]
+    assert all(isinstance(v, str) for v in data.values())
+    log_format = data["log-format-upstream"]
+    assert "$uri" in log_format and not TOKEN_VARIABLES.search(log_format)
+    assert data["error-log-level"] == "emerg"
+    assert data["use-forwarded-headers"] == "false"
+    if data["log-format-escape-json"] == "true":
+        sample = re.sub(r"\$\w+", "0", log_format)
+        assert isinstance(json.loads(sample), dict)
+
+
+def test_snippets_configmap_is_the_plain_one_plus_the_snippet_switches() -> None:
+    """The snippets overlay's controller ConfigMap repeats the plain one's settings and
+    adds only what snippet annotations need, so the two cannot drift apart."""
+    plain, snippets = (
+        yaml.safe_load((K8S / o / "controller-configmap.yaml").read_text())
+        for o in CONTROLLER_CONFIGMAPS
+    )
+    assert snippets["metadata"] == plain["metadata"]
+    assert snippets["data"] == {
+        **plain["data"],
+        "allow-snippet-annotations": "true",
+        "annotations-risk-level": "Critical",
+    }
 
 
 # --------------------------------------------------------------------------- sidecar
@@ -1141,6 +1173,27 @@ def test_gateway_fabric_external_auth_asks_authgate_ext_authz() -> None:
     assert_reference_granted(built, "gateway.networking.k8s.io", "HTTPRoute", route, ref)
     (gateway,) = built.of_kind("Gateway")
     assert route["spec"]["parentRefs"][0]["name"] == gateway["metadata"]["name"]
+    modifiers = [
+        f["requestHeaderModifier"] for f in filters if f["type"] == "RequestHeaderModifier"
+    ]
+    (removed,) = [header_set(m["remove"]) for m in modifiers]
+    assert {"x-power-token", "x-http-method-override", "x-original-url"} <= removed
+
+
+def test_gateway_fabric_logging_keeps_tokens_out_of_nginx_logs() -> None:
+    """The Gateway names an NginxProxy whose access-log format has no variable that can
+    carry a token and whose error log takes only start-up failures."""
+    built = render("overlays/gateway-api/nginx-gateway-fabric")
+    (gateway,) = built.of_kind("Gateway")
+    params = gateway["spec"]["infrastructure"]["parametersRef"]
+    assert (params["group"], params["kind"]) == ("gateway.nginx.org", "NginxProxy")
+    proxy = built.get("NginxProxy", params["name"], gateway["metadata"]["namespace"])
+    logging = proxy["spec"]["logging"]
+    assert logging["errorLevel"] == "emerg"
+    log_format = logging["accessLog"]["format"]
+    assert "$uri" in log_format and not TOKEN_VARIABLES.search(log_format)
+    assert "'" not in log_format and logging["accessLog"]["escape"] == "json"
+    assert isinstance(json.loads(re.sub(r"\$\w+", "0", log_format)), dict)
 
 
 def assert_reference_granted(
@@ -1263,7 +1316,12 @@ def proxied(form: str, method: str, uri: str, client: dict[str, str]) -> tuple[s
     assert form == "nginx-gateway-fabric"
     built = render("overlays/gateway-api/nginx-gateway-fabric")
     (route,) = built.of_kind("HTTPRoute")
-    (ext,) = [f["externalAuth"] for r in route["spec"]["rules"] for f in r.get("filters", [])]
+    (ext,) = [
+        f["externalAuth"]
+        for r in route["spec"]["rules"]
+        for f in r.get("filters", [])
+        if f["type"] == "ExternalAuth"
+    ]
     wanted = header_set(ext["http"].get("allowedHeaders", []))
     headers = {k: v for k, v in lower.items() if k in wanted}
     headers.update({"host": "api.example.com", "path": uri, "method": method})
