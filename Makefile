@@ -10,7 +10,7 @@ VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' src/authgate/__init__
 IMAGE  ?= authgate:$(VERSION)
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev run test test-lowest check lint mypy constraints image sidecar-nginx bench soak clean
+.PHONY: help install dev run test test-lowest check lint mypy constraints image sidecar-nginx screenshots bench soak clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -73,6 +73,9 @@ SIDECAR_SNIPPETS := auth_location auth_proxy decision errors identity log_format
 sidecar-nginx: ## copy deploy/nginx/authgate's snippets into the sidecar overlay
 	for f in $(SIDECAR_SNIPPETS); do \
 	    cp deploy/nginx/authgate/$$f.conf deploy/k8s/overlays/sidecar/nginx/authgate/; done
+
+screenshots: $(DEV) ## retake docs/screenshots from the console's browser tests (needs Chromium)
+	AUTHGATE_SCREENSHOTS=docs/screenshots $(BIN)/pytest -q tests/test_console.py -k whole_life
 
 bench: $(DEV) ## measure the /auth hot path (prints a table, saves bench-results.json)
 	$(BIN)/python scripts/bench.py
