@@ -429,3 +429,17 @@ def test_every_page_sends_the_security_headers(
         html = response.text()
         assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", html), path
         assert not re.search(r"\sstyle\s*=", html) and "<style" not in html, path
+
+
+def test_revoking_the_signed_in_token_ends_its_session(
+    console: Console, server: AuthgateProcess
+) -> None:
+    """The console asks again on every page: a revoked management token is signed out."""
+    admin = mint(
+        server, "--name", "short-lived-admin", "--org", "*", "--project", "*",
+        "--key-type", "r--", "--kind", "management",
+    )  # fmt: skip
+    console.sign_in(admin["token"])
+    run_cli(server.env, "token", "revoke", admin["id"])
+    console.page.goto(f"{console.base}/tokens")
+    assert console.page.url.endswith("/console/login")

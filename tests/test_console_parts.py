@@ -28,10 +28,10 @@ def test_a_session_cookie_opens_its_session_until_signed_out(redis_url: str) -> 
     `end` the same cookie finds nothing either."""
 
     async def body(store: SessionStore) -> None:
-        session = await store.create("ab" * 32)
+        session = await store.create("tok_01M8SP92FBGJH6YH3N42VETF3F")
         cookie = store.cookie_value(session)
         found = await store.load(cookie)
-        assert found is not None and found.token_hash == "ab" * 32
+        assert found is not None and found.token_id == "tok_01M8SP92FBGJH6YH3N42VETF3F"
         session_id, signature = cookie.split(".")
         assert await store.load(f"{session_id}.{'0' * len(signature)}") is None
         assert await store.load(f"{session_id[:-1]}x.{signature}") is None
@@ -43,14 +43,14 @@ def test_a_session_cookie_opens_its_session_until_signed_out(redis_url: str) -> 
 
 
 def test_redis_holds_neither_the_session_id_nor_the_token(redis_url: str) -> None:
-    """Keys are an HMAC of the session id; the value holds the token's HMAC, no token."""
+    """Keys are an HMAC of the session id; the value holds the token's id, no secret."""
 
     async def body(store: SessionStore) -> None:
-        session = await store.create("cd" * 32)
+        session = await store.create("tok_01M8SP92FBGJH6YH3N42VETF3G")
         keys = [k.decode() for k in await store.redis.keys("authgate:console:*")]
         assert keys and all(session.id not in k for k in keys)
         raw = (await store.redis.get(keys[0])).decode()
-        assert session.id not in raw and "cd" * 32 in raw
+        assert session.id not in raw and "tok_01M8SP92FBGJH6YH3N42VETF3G" in raw
 
     run_sessions(redis_url, 60, body)
 
@@ -59,7 +59,7 @@ def test_a_session_ends_by_itself_after_its_ttl(redis_url: str) -> None:
     """An idle session is gone once its TTL has passed."""
 
     async def body(store: SessionStore) -> None:
-        cookie = store.cookie_value(await store.create("ef" * 32))
+        cookie = store.cookie_value(await store.create("tok_01M8SP92FBGJH6YH3N42VETF3H"))
         assert await store.load(cookie) is not None
         deadline = time.monotonic() + 5
         while await store.load(cookie) is not None:

@@ -245,10 +245,16 @@ class Manager:
         assert record is not None
         return Caller(str(record["id"]), str(record.get("display_prefix", "")), record, client_ip)
 
-    async def authenticate_hash(self, digest: str, client_ip: str, operation: str) -> Caller:
-        """`authenticate` for a front end that remembers a signed-in token by its HMAC (the
-        console's session), so the value itself is never kept: the same checks, every call."""
-        record = await self.store.record_by_hash(digest)
+    async def authenticate_id(self, token_id: str, client_ip: str, operation: str) -> Caller:
+        """`authenticate` for a front end that remembers a signed-in management token by its
+        id (the console's session), so the value itself is never kept: the same checks, on
+        the current record, every call."""
+        try:
+            record: dict[str, Any] | None = await self.store.load(token_id)
+        except NotFound:
+            record = None
+        if record is not None:
+            record = {k: v for k, v in record.items() if k != "hash"}
         try:
             self._admit(record, client_ip)
         except Refused as exc:

@@ -104,17 +104,17 @@ class ConsoleApi:
             raise ServiceError.from_error(exc) from None
 
     # -- who is signed in ---------------------------------------------------------------------
-    async def sign_in(self, token: str, client_ip: str) -> tuple[ConsoleCaller, str]:
-        """The caller for a pasted management token, and the token's HMAC to remember it by
-        (the value itself is forgotten when this returns)."""
+    async def sign_in(self, token: str, client_ip: str) -> ConsoleCaller:
+        """The caller for a pasted management token (the value is forgotten when this
+        returns: the session remembers the token's id)."""
         caller = await self._call(self.manager.authenticate([token], client_ip, "console"))
-        return _wrap(caller), self.manager.store.hash(token.strip())
+        return _wrap(caller)
 
-    async def caller_by_hash(self, token_hash: str, client_ip: str) -> ConsoleCaller | None:
+    async def caller_by_id(self, token_id: str, client_ip: str) -> ConsoleCaller | None:
         """The signed-in caller again, or None when its token stopped being valid for this
         address (revoked, disabled, expired, deleted, outside its allowlist)."""
         try:
-            caller = await self.manager.authenticate_hash(token_hash, client_ip, "console")
+            caller = await self.manager.authenticate_id(token_id, client_ip, "console")
         except Refused:
             return None
         return _wrap(caller)

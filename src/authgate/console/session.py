@@ -1,10 +1,10 @@
 """Console sessions: a random id in a signed cookie, the session itself in Redis.
 
 The cookie carries `<id>.<signature>`; Redis holds, under a hash of the id, the signed-in
-management token's HMAC (never its value), the CSRF secret and the expiry. Signing out
+management token's id (never its value), the CSRF secret and the expiry. Signing out
 deletes the Redis key, so a copied cookie stops working at once; the key's TTL ends an
 idle session. Revoking, disabling or expiring the management token ends its sessions too,
-because every request looks the token up again by its HMAC.
+because every request looks the token up again by its id.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ COOKIE = "authgate_console"
 @dataclass(frozen=True, slots=True)
 class Session:
     id: str
-    token_hash: str  # HMAC of the management token, as the store keys it
+    token_id: str  # the signed-in management token's id (`tok_…`)
     csrf: str
     created_at: float
 
@@ -50,13 +50,11 @@ class SessionStore:
     def cookie_value(self, session: Session) -> str:
         return f"{session.id}.{self._sign(session.id)}"
 
-    async def create(self, token_hash: str) -> Session:
+    async def create(self, token_id: str) -> Session:
         session = Session(
-            secrets.token_urlsafe(32), token_hash, secrets.token_urlsafe(32), time.time()
+            secrets.token_urlsafe(32), token_id, secrets.token_urlsafe(32), time.time()
         )
-        body = orjson.dumps(
-            {"h": session.token_hash, "csrf": session.csrf, "at": session.created_at}
-        )
+        body = orjson.dumps({"t": session.token_id, "csrf": session.csrf, "at": session.created_at})
         async with mapped_errors():
             await self.redis.set(self._key(session.id), body, ex=max(1, int(self.ttl)))
         return session
@@ -73,7 +71,7 @@ class SessionStore:
         if raw is None:
             return None
         data = orjson.loads(raw)
-        return Session(session_id, data["h"], data["csrf"], data["at"])
+        return Session(session_id, data["t"], data["csrf"], data["at"])
 
     async def end(self, session: Session) -> None:
         async with mapped_errors():

@@ -102,7 +102,7 @@ class Console:
         session = await self.sessions.load(request.cookies.get(COOKIE))
         if session is None:
             return None
-        caller = await self.api.caller_by_hash(session.token_hash, client_ip(request))
+        caller = await self.api.caller_by_id(session.token_id, client_ip(request))
         if caller is None:  # revoked, disabled, expired, or another address now
             await self.sessions.end(session)
             return None
@@ -246,8 +246,8 @@ async def login(request: Request) -> Response:
         expected = request.cookies.get(COOKIE + "_login", "")
         if not sent or not secrets.compare_digest(sent, expected):
             raise ServiceError(403, "CSRF_REJECTED", "The sign-in form expired; try again.")
-        _, token_hash = await console.api.sign_in(form.get("token", ""), client_ip(request))
-        session = await console.sessions.create(token_hash)
+        caller = await console.api.sign_in(form.get("token", ""), client_ip(request))
+        session = await console.sessions.create(caller.caller.id)
     except ServiceError as error:
         return _login_page(console, request, error, error.status)
     except AuthgateError as exc:
