@@ -308,11 +308,11 @@ def test_until_loaded_unknown_tokens_are_asked_of_redis(node: ValkeyNode) -> Non
     assert asyncio.run(go()) == 401  # 404 TOKEN_INVALID, folded for nginx
 
 
-def test_a_token_used_before_its_announcement_arrives_is_allowed(node: ValkeyNode) -> None:
-    """In one worker, a token created and used at once (its announcement not yet read from
-    the channel) is allowed on that first use: a "never issued" answer is confirmed by a
-    PING on the subscription, which Redis answers after every earlier announcement. A
-    forged token asked alongside is refused without a Redis read."""
+def test_a_token_used_the_moment_it_is_created_is_allowed(node: ValkeyNode) -> None:
+    """In one worker, a token created and used at once is allowed on that first use: its
+    creation announces its hash on the channel before the record is written, so no one can
+    hold the token before the set has heard of it. A forged token asked alongside is refused
+    without a Redis read."""
     from tests.inproc import create, running
 
     node.client().flushall()

@@ -99,11 +99,8 @@ class Authorizer:
         now = time.monotonic()
         state, entry = self.cache.get(key, now)
         if state == "miss" and self.issued is not None and not self.issued.may_hold(key):
-            generation = self.cache.generation
-            if await self.issued.never_issued(key):  # a forged token: no Redis read
-                self._cache_counts["unissued"] += 1
-                self.cache.put_negative(key, now, generation)
-                return None
+            self._cache_counts["unissued"] += 1
+            return None  # never issued: no Redis read
         self._cache_counts[state] += 1
         if state == "fresh":
             return entry
@@ -224,6 +221,9 @@ class Authorizer:
                 return deny("TOKEN_INVALID", 4)
             if self.cache.known_unknown(key, now):
                 self._cache_counts["negative"] += 1
+                return deny("TOKEN_INVALID", 5)
+            if self.issued is not None and not self.issued.may_hold(key):
+                self._cache_counts["unissued"] += 1  # a forged token: no Redis read
                 return deny("TOKEN_INVALID", 5)
             return None
         self._cache_counts["fresh"] += 1

@@ -28,7 +28,7 @@ import sys
 import time
 from array import array
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from .backend import FOREIGN_ERRORS
@@ -43,10 +43,6 @@ RETRY_MAX = 5.0  # seconds between attempts at most, when a load fails
 
 def _key(digest: bytes) -> int:
     return int.from_bytes(digest[:PREFIX_BYTES], "big")
-
-
-async def _unknown() -> bool:
-    return False
 
 
 def _glob_escape(text: str) -> str:
@@ -72,19 +68,8 @@ class IssuedTokens:
         self._task: asyncio.Task[None] | None = None
         self._on_change = on_change
         self.loaded_in = 0.0  # seconds the last load took
-        # Set by the invalidation task: resolves True once every invalidation published
-        # before the call has been applied (False: unknown). Without it, nothing is certain.
-        self.caught_up: Callable[[], Awaitable[bool]] = _unknown
 
     # -- the decision path ---------------------------------------------------------------------
-    async def never_issued(self, digest: bytes) -> bool:
-        """Whether `digest` was surely never issued. A "no" from `may_hold` alone may lag
-        behind a token created a moment ago (its announcement still on its way), so it is
-        confirmed once the channel has caught up with the moment of asking."""
-        if self.may_hold(digest):
-            return False
-        return await self.caught_up() and not self.may_hold(digest)
-
     def may_hold(self, digest: bytes) -> bool:
         """False only when the set is loaded and current and `digest` was never issued."""
         if not self.ready:
