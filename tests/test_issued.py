@@ -335,3 +335,37 @@ def test_a_token_used_the_moment_it_is_created_is_allowed(node: ValkeyNode) -> N
                 assert r.status_code == 200
 
     asyncio.run(go())
+
+
+def test_an_announcement_read_but_not_yet_applied_is_waited_for(node: ValkeyNode) -> None:
+    """A request for a token whose announcement has reached the worker's socket, but not
+    yet the set (the event loop has not run the invalidation task), is not refused on the
+    spot: it waits the few turns the announcement takes to apply, and is allowed."""
+    from authgate.app import Runtime
+    from tests.inproc import auth_scope
+
+    node.client().flushall()
+    settings = settings_for(node.url)
+
+    async def go() -> None:
+        runtime = Runtime(settings)
+        await runtime.start()
+        try:
+            while not runtime.issued.ready:
+                await asyncio.sleep(0.01)
+            silent = SilentStore(runtime.redis, settings)
+            spec = {"name": "s", "org": "acme", "project": "tunes", "key_type": "r--"}
+            token, _ = await silent.create(spec, "test")
+            with node.client() as c:  # the announcement, while this loop does not run
+                c.publish(runtime.store.channel, runtime.store.hash(token))
+            deadline = time.monotonic() + 5
+            while runtime.invalidator.quiet():  # type: ignore[union-attr]
+                assert time.monotonic() < deadline, "the announcement never arrived"
+            assert not runtime.issued.may_hold(digest_of(token))  # not applied yet
+            answer = runtime.data_plane.answer_now(auth_scope(token, f"{SCOPED}?pwt={token}"))
+            assert not isinstance(answer, tuple)  # not refused on the spot
+            assert (await answer)[0] == 200
+        finally:
+            await runtime.stop()
+
+    asyncio.run(go())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import select
 import time
 from typing import Any
 
@@ -46,6 +47,32 @@ class Invalidator:
         self.metrics = metrics
         self.issued = issued
         self.subscribed = asyncio.Event()
+        self._pubsub: Any = None  # the confirmed subscription, while it lasts
+        if issued is not None:
+            issued.quiet = self.quiet
+
+    def quiet(self) -> bool:
+        """Whether nothing received on the subscription waits to be applied: no message
+        in the socket, nor read and not yet handled (the client's buffers). An announcement
+        that has reached this host is then applied already. False whenever unsure (no
+        subscription, a client whose buffers cannot be inspected)."""
+        pubsub = self._pubsub
+        try:
+            conn = pubsub.connection
+            stream = conn._reader  # asyncio.StreamReader
+            if stream is None or stream._buffer:
+                return False
+            parser = conn._parser
+            hired = getattr(parser, "_reader", None)
+            if hired is not None:  # hiredis
+                if hired.has_data():
+                    return False
+            elif len(parser._buffer) > parser._pos or parser._chunks:  # redis-py's own
+                return False
+            sock = stream._transport.get_extra_info("socket")
+            return not select.select([sock], [], [], 0)[0]
+        except Exception:  # any doubt means "not quiet": ask Redis
+            return False
 
     def apply(self, data: bytes) -> None:
         """One message: a token's hex hash to drop, or "*" (or anything unreadable): all."""
@@ -83,6 +110,7 @@ class Invalidator:
                     if msg is not None and msg["type"] == "subscribe":
                         break
                 self.resubscribed()
+                self._pubsub = pubsub
                 self.subscribed.set()
                 backoff = 0.05
                 loop = asyncio.get_running_loop()
@@ -118,6 +146,7 @@ class Invalidator:
                 # Redis whenever it answers; the cache is flushed on re-subscribe.
                 self.cache.demote(time.monotonic())
             finally:
+                self._pubsub = None
                 try:
                     await asyncio.shield(pubsub.aclose())
                 except Exception:  # noqa: S110 - closing a broken connection may fail too

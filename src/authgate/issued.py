@@ -39,6 +39,11 @@ PREFIX_BYTES = 8  # of each HMAC: the set's key
 MERGE_AT = 1024  # recent additions kept in a Python set before they join the sorted array
 SCAN_COUNT = 2000  # keys asked of Redis per SCAN call
 RETRY_MAX = 5.0  # seconds between attempts at most, when a load fails
+SETTLE_TURNS = 8  # event-loop turns `settle` waits at most for announcements to be applied
+
+
+def _never() -> bool:
+    return False
 
 
 def _key(digest: bytes) -> int:
@@ -68,8 +73,20 @@ class IssuedTokens:
         self._task: asyncio.Task[None] | None = None
         self._on_change = on_change
         self.loaded_in = 0.0  # seconds the last load took
+        # Set by the invalidation task: True when no received announcement waits to be
+        # applied (`Invalidator.quiet`). A "no" from `may_hold` counts only then.
+        self.quiet: Callable[[], bool] = _never
 
     # -- the decision path ---------------------------------------------------------------------
+    async def settle(self) -> None:
+        """Let the invalidation task apply what it has received (a few event-loop turns at
+        most): a token may be used the moment its creation returns, with its announcement
+        read but not yet applied."""
+        for _ in range(SETTLE_TURNS):
+            if self.quiet():
+                return
+            await asyncio.sleep(0)
+
     def may_hold(self, digest: bytes) -> bool:
         """False only when the set is loaded and current and `digest` was never issued."""
         if not self.ready:
