@@ -858,3 +858,30 @@ def test_connections_beyond_the_cap_are_refused_and_counted(limited: AuthgatePro
         time.sleep(0.05)
     for conn in held:
         conn.close()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        pytest.param({"AUTHGATE_HEADER_TIMEOUT": "0s"}, "AUTHGATE_HEADER_TIMEOUT", id="timeout-0"),
+        pytest.param({"AUTHGATE_HEADER_TIMEOUT": "10"}, None, id="timeout-plain-seconds"),
+        pytest.param(
+            {"AUTHGATE_HEADER_TIMEOUT": "soon"}, "AUTHGATE_HEADER_TIMEOUT", id="timeout-word"
+        ),
+        pytest.param({"AUTHGATE_MAX_CONNECTIONS": "0"}, "AUTHGATE_MAX_CONNECTIONS", id="cap-0"),
+        pytest.param(
+            {"AUTHGATE_MAX_CONNECTIONS": "many"}, "AUTHGATE_MAX_CONNECTIONS", id="cap-word"
+        ),
+    ],
+)
+def test_server_limit_settings_are_checked(env: dict[str, str], message: str | None) -> None:
+    """The connection cap is a positive whole number and the header timeout a duration
+    above zero; a bad value stops start-up with a message naming the variable."""
+    from authgate.errors import ConfigError
+
+    base = {"AUTHGATE_PEPPER": _pepper(), **env}
+    if message is None:
+        assert load_settings(base).header_timeout == 10.0
+        return
+    with pytest.raises(ConfigError, match=message):
+        load_settings(base)

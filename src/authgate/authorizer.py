@@ -104,11 +104,10 @@ class Authorizer:
         now = time.monotonic()
         state, entry = self.cache.get(key, now)
         if state == "miss" and self.issued is not None and not self.issued.may_hold(key):
-            generation = self.cache.generation
-            if await self.issued.never_issued(key):  # a forged token: no Redis read
+            await self.issued.settle()
+            if not self.issued.may_hold(key) and self.issued.quiet():
                 self._cache_counts["unissued"] += 1
-                self.cache.put_negative(key, now, generation)
-                return None
+                return None  # never issued: no Redis read
         self._cache_counts[state] += 1
         if state == "fresh":
             return entry
@@ -251,6 +250,11 @@ class Authorizer:
             if self.cache.known_unknown(key, now):
                 self._cache_counts["negative"] += 1
                 return deny("TOKEN_INVALID", 5)
+            if self.issued is not None and not self.issued.may_hold(key):
+                if self.issued.quiet():  # a forged token: no Redis read
+                    self._cache_counts["unissued"] += 1
+                    return deny("TOKEN_INVALID", 5)
+                return None  # an announcement may be waiting: `lookup` lets it be applied
             return None
         self._cache_counts["fresh"] += 1
         decision = self.authorize(entry, req, time.time())

@@ -398,6 +398,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         )
     values.setdefault("token_sources", tuple(parse_source("default", s) for s in DEFAULT_SOURCES))
     values.setdefault("trusted_proxies", _networks("default", list(DEFAULT_TRUSTED)))
+    if values.get("header_timeout", 1.0) <= 0:
+        raise ConfigError("AUTHGATE_HEADER_TIMEOUT: must be longer than 0s (example: 10s)")
     if values.get("token_mode", "both") == "both" and len(values["token_sources"]) < 2:
         raise ConfigError("AUTHGATE_TOKEN_MODE: 'both' needs at least two token sources")
     from .backend import parse_redis_url  # the URL's checks live beside the code that dials it

@@ -8,13 +8,14 @@ function the ASGI entry uses. A request the cache can answer is answered inside
 `data_received`; only one that needs Redis (or /readyz) becomes a task, and pipelined
 answers leave in request order.
 
-Limits: request line plus headers at most `MAX_HEAD` bytes and `MAX_HEADERS` headers (431, or 414 for the URL, then
-close); malformed requests get 400 and the connection is closed; bodies are read and
-dropped, and chunked trailers with them (a trailer is never a header); a request must
-arrive whole within `Limits.header_timeout` of its first byte (a new connection's first
-request, of the connection), else the connection is closed; an idle keep-alive connection
-is closed after uvicorn's `timeout_keep_alive`; beyond `Limits.max_connections` open
-data-plane connections per worker a new one is answered 503 and closed.
+Limits: request line plus headers at most `MAX_HEAD` bytes and `MAX_HEADERS` headers (431,
+or 414 for the URL, then close); malformed requests get 400 and the connection is closed;
+bodies are read and dropped, and chunked trailers with them (a trailer is never a header);
+a request must arrive whole within `Limits.header_timeout` of its first byte (a new
+connection's first request, of the connection), else the connection is closed; an idle
+keep-alive connection is closed after uvicorn's `timeout_keep_alive`; beyond
+`Limits.max_connections` open data-plane connections per worker a new one is answered 503
+and closed.
 Nothing here logs a URI or a header value: they carry tokens.
 """
 

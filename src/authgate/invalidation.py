@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import select
 import time
-from collections import deque
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -30,13 +30,6 @@ log = logging.getLogger("authgate")
 # a silently dead socket would otherwise hide lost invalidations indefinitely.
 PING_AFTER = 1.0
 SILENCE = 5.0
-
-# `caught_up` waiters share one PING: sent once BARRIER_BATCH wait, or BARRIER_WAIT seconds
-# after the first. A flood of forged tokens therefore costs Redis one command per 100
-# requests, or at most 1 / BARRIER_WAIT commands a second per worker when it is slower.
-BARRIER_BATCH = 100
-BARRIER_WAIT = 0.1
-BARRIER = b"authgate-caught-up"
 
 
 class Invalidator:
@@ -55,64 +48,31 @@ class Invalidator:
         self.issued = issued
         self.subscribed = asyncio.Event()
         self._pubsub: Any = None  # the confirmed subscription, while it lasts
-        self._waiting: list[asyncio.Future[bool]] = []
-        self._sent: deque[list[asyncio.Future[bool]]] = deque()  # one per PING, in order
-        self._timer: asyncio.TimerHandle | None = None
-        self._pings: set[asyncio.Future[Any]] = set()
         if issued is not None:
-            issued.caught_up = self.caught_up
+            issued.quiet = self.quiet
 
-    # -- a barrier on the channel ------------------------------------------------------------
-    def caught_up(self) -> asyncio.Future[bool]:
-        """Resolves True once every invalidation published before this call has been
-        applied: a PING sent now on the subscription is answered after them. False when
-        the subscription is lost first (then nothing is known)."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        if self._pubsub is None:
-            future.set_result(False)
-            return future
-        self._waiting.append(future)
-        if len(self._waiting) >= BARRIER_BATCH:
-            self._ping()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(BARRIER_WAIT, self._ping)
-        return future
-
-    def _ping(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        batch, self._waiting = self._waiting, []
+    def quiet(self) -> bool:
+        """Whether nothing received on the subscription waits to be applied: no message
+        in the socket, nor read and not yet handled (the client's buffers). An announcement
+        that has reached this host is then applied already. False whenever unsure (no
+        subscription, a client whose buffers cannot be inspected)."""
         pubsub = self._pubsub
-        if not batch:
-            return
-        if pubsub is None:
-            _settle(batch, False)
-            return
-        self._sent.append(batch)
-        ping = asyncio.ensure_future(pubsub.ping(BARRIER))
-        self._pings.add(ping)
-        ping.add_done_callback(self._pinged)
-
-    def _pinged(self, ping: asyncio.Future[Any]) -> None:
-        self._pings.discard(ping)
-        if not ping.cancelled():
-            ping.exception()  # a failed send: the subscription's loss settles the waiters
-
-    def _pong(self, data: Any) -> None:
-        if data == BARRIER and self._sent:
-            _settle(self._sent.popleft(), True)
-
-    def _lost(self) -> None:
-        """The subscription is gone: no waiter will hear its PING answered."""
-        self._pubsub = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        waiting, self._waiting = self._waiting, []
-        _settle(waiting, False)
-        while self._sent:
-            _settle(self._sent.popleft(), False)
+        try:
+            conn = pubsub.connection
+            stream = conn._reader  # asyncio.StreamReader
+            if stream is None or stream._buffer:
+                return False
+            parser = conn._parser
+            hired = getattr(parser, "_reader", None)
+            if hired is not None:  # hiredis
+                if hired.has_data():
+                    return False
+            elif len(parser._buffer) > parser._pos or parser._chunks:  # redis-py's own
+                return False
+            sock = stream._transport.get_extra_info("socket")
+            return not select.select([sock], [], [], 0)[0]
+        except Exception:  # any doubt means "not quiet": ask Redis
+            return False
 
     def apply(self, data: bytes) -> None:
         """One message: a token's hex hash to drop, or "*" (or anything unreadable): all."""
@@ -165,8 +125,6 @@ class Invalidator:
                     heard = loop.time()
                     if msg["type"] == "message":
                         self.apply(msg["data"])
-                    elif msg["type"] == "pong":
-                        self._pong(msg["data"])
                     elif msg["type"] == "subscribe":
                         # The client reconnected and re-subscribed on its own: whatever
                         # was published in between is lost.
@@ -188,16 +146,10 @@ class Invalidator:
                 # Redis whenever it answers; the cache is flushed on re-subscribe.
                 self.cache.demote(time.monotonic())
             finally:
-                self._lost()
+                self._pubsub = None
                 try:
                     await asyncio.shield(pubsub.aclose())
                 except Exception:  # noqa: S110 - closing a broken connection may fail too
                     pass
             await asyncio.sleep(backoff * (1 + random.random()))  # noqa: S311
             backoff = min(backoff * 2, 2.0)
-
-
-def _settle(futures: list[asyncio.Future[bool]], value: bool) -> None:
-    for future in futures:
-        if not future.done():
-            future.set_result(value)

@@ -8,12 +8,17 @@ HMAC, as a sorted `array('Q')` (8 bytes per token) plus a small set of recent ad
 token look issued with odds of about n / 2**64: with a million tokens, one in 10**13.
 
 Kept current like the cache, by the invalidation channel (`invalidation.Invalidator`):
-create and rotate publish the new token's hash, which `add` records. The set is loaded
-(SCAN over `{kp}:th:*`, on every Cluster primary) each time the subscription is confirmed,
-so every hash published while the SCAN runs arrives on the channel too. Whenever
-invalidations may have been lost (the subscription dropped, a "*" message), or until the
-first load completes, `may_hold` answers True for everything: the lookup then asks Redis,
-exactly as without this set. It never says "not issued" of a token that was.
+create and rotate publish the new token's hash before they write its record, and `add`
+records every hash heard. The set is loaded (SCAN over `{kp}:th:*`, on every Cluster
+primary) each time the subscription is confirmed, so every hash published while the SCAN
+runs arrives on the channel too. Whenever invalidations may have been lost (the
+subscription dropped, a "*" message), or until the first load completes, `may_hold`
+answers True for everything: the lookup then asks Redis, exactly as without this set.
+
+A "not issued" answer is acted on only while the channel is `quiet` (nothing received
+waits to be applied); otherwise the lookup lets the invalidation task run first (`settle`)
+and asks again, and asks Redis if still in doubt. A token's announcement leaves Redis
+before the token exists, so by the time anyone can present it, it has reached this host.
 
 Entries of deleted tokens stay until the next load; they cost a GET, as before.
 """
@@ -28,7 +33,7 @@ import sys
 import time
 from array import array
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from .backend import FOREIGN_ERRORS
@@ -39,14 +44,15 @@ PREFIX_BYTES = 8  # of each HMAC: the set's key
 MERGE_AT = 1024  # recent additions kept in a Python set before they join the sorted array
 SCAN_COUNT = 2000  # keys asked of Redis per SCAN call
 RETRY_MAX = 5.0  # seconds between attempts at most, when a load fails
+SETTLE_TURNS = 8  # event-loop turns `settle` waits at most for announcements to be applied
+
+
+def _never() -> bool:
+    return False
 
 
 def _key(digest: bytes) -> int:
     return int.from_bytes(digest[:PREFIX_BYTES], "big")
-
-
-async def _unknown() -> bool:
-    return False
 
 
 def _glob_escape(text: str) -> str:
@@ -72,18 +78,19 @@ class IssuedTokens:
         self._task: asyncio.Task[None] | None = None
         self._on_change = on_change
         self.loaded_in = 0.0  # seconds the last load took
-        # Set by the invalidation task: resolves True once every invalidation published
-        # before the call has been applied (False: unknown). Without it, nothing is certain.
-        self.caught_up: Callable[[], Awaitable[bool]] = _unknown
+        # Set by the invalidation task: True when no received announcement waits to be
+        # applied (`Invalidator.quiet`). A "no" from `may_hold` counts only then.
+        self.quiet: Callable[[], bool] = _never
 
     # -- the decision path ---------------------------------------------------------------------
-    async def never_issued(self, digest: bytes) -> bool:
-        """Whether `digest` was surely never issued. A "no" from `may_hold` alone may lag
-        behind a token created a moment ago (its announcement still on its way), so it is
-        confirmed once the channel has caught up with the moment of asking."""
-        if self.may_hold(digest):
-            return False
-        return await self.caught_up() and not self.may_hold(digest)
+    async def settle(self) -> None:
+        """Let the invalidation task apply what it has received (a few event-loop turns at
+        most): a token may be used the moment its creation returns, with its announcement
+        read but not yet applied."""
+        for _ in range(SETTLE_TURNS):
+            if self.quiet():
+                return
+            await asyncio.sleep(0)
 
     def may_hold(self, digest: bytes) -> bool:
         """False only when the set is loaded and current and `digest` was never issued."""

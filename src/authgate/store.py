@@ -107,6 +107,9 @@ class TokenStore:
     async def add(self, clean: dict[str, Any], actor: str) -> tuple[str, dict[str, Any]]:
         """Store a token with attributes `validate_spec` returned, audit, publish."""
         token, record = self._new_record(clean, actor)
+        # Announced before it exists: every instance hears of it before anyone can use it
+        # (`issued.IssuedTokens` refuses unannounced hashes without a Redis read).
+        await self._publish(record["hash"])
         await self._insert(record)
         await self.audit("create", actor, record)
         await self._publish(record["hash"])
@@ -352,6 +355,7 @@ class TokenStore:
             clean["enabled"] = False
         token, new = self._new_record(clean, actor)
         new["rotated_from"] = token_id
+        await self._publish(new["hash"])  # announced before it exists, as in `create`
         await self._insert(new)
 
         def change(record: dict[str, Any]) -> dict[str, Any] | None:
