@@ -1428,8 +1428,11 @@ def test_dockerfile_is_multi_stage_and_runs_unprivileged_without_build_tools() -
         "AUTHGATE_LISTEN=0.0.0.0:8080",
         "AUTHGATE_METRICS_LISTEN=0.0.0.0:9180",
         "AUTHGATE_METRICS_DIR=/tmp/authgate-metrics",
+        "AUTHGATE_LOG_FORMAT=json",
     ):
         assert setting in text
+    # The builder installs the tested versions (constraints.txt), not whatever is newest.
+    assert "RUN pip install -c constraints.txt ." in stages[0]
     assert "python:3.12-slim" in (ROOT / "Dockerfile").read_text()
 
 
@@ -1442,5 +1445,12 @@ def test_dockerignore_keeps_local_state_out_and_build_inputs_in() -> None:
         if ln.strip() and not ln.startswith("#")
     ]
     assert {".git", ".venv", ".pytest_cache", ".mypy_cache", ".ruff_cache"} <= set(patterns)
-    for needed in ("pyproject.toml", "README.md", "src", "src/authgate/__init__.py"):
+    for needed in (
+        "pyproject.toml",
+        "README.md",
+        "LICENSE",
+        "constraints.txt",
+        "src",
+        "src/authgate/__init__.py",
+    ):
         assert not any(fnmatch(needed, p) or needed.startswith(p + "/") for p in patterns), needed

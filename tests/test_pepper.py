@@ -175,3 +175,15 @@ def test_management_tokens_work_on_the_admin_api_during_a_rotation(
         assert httpx.get(f"{stopped.admin_url}/v1/tokens", headers=headers).status_code == 200
     finally:
         stopped.stop()
+
+
+def test_no_previous_pepper_means_no_second_lookup(redis_url: str) -> None:
+    """Without AUTHGATE_PEPPER_PREVIOUS the data plane holds no previous-pepper look-up at
+    all (the hot path pays nothing); with it, one that hashes with the old pepper."""
+    from authgate.app import Runtime
+    from authgate.config import load_settings
+
+    env = {"AUTHGATE_PEPPER": PEPPER, "AUTHGATE_REDIS_URL": redis_url}
+    assert Runtime(load_settings(env)).authorizer.previous is None
+    rotating = Runtime(load_settings({**env, "AUTHGATE_PEPPER_PREVIOUS": NEW_PEPPER}))
+    assert rotating.authorizer.previous is not None

@@ -8,6 +8,7 @@ import signal
 import time
 
 import httpx
+import pytest
 
 from tests.conftest import AuthgateProcess, run_cli, start_authgate
 
@@ -166,8 +167,37 @@ def test_a_url_that_points_at_http_is_named_not_redis(cli_env: dict[str, str]) -
             proc = run_cli(env, *args, check=False)
             assert proc.returncode == 2, proc
             (line,) = proc.stderr.strip().splitlines()
-            assert "AUTHGATE_REDIS_URL points at something that is not Redis" in line
+            assert (
+                "AUTHGATE_REDIS_URL points at something that is not Redis (it answered HTTP)"
+                in line
+            )
             assert "Protocol error" not in line
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.mark.parametrize(
+    ("first", "said"),
+    [
+        pytest.param("H", "(it answered HTTP)", id="status-line"),
+        pytest.param("<", "(it answered HTTP)", id="html-page"),
+        pytest.param("S", "(it answered something starting with 'S')", id="other"),
+    ],
+)
+def test_protocol_errors_are_named_by_what_answered(first: str, said: str) -> None:
+    """redis-py's `Protocol error, got "H"` becomes a configuration error naming the URL
+    variable and what answered; other backend errors are left alone."""
+    from redis.exceptions import ConnectionError, InvalidResponse
+
+    from authgate.errors import BackendUnavailable
+    from authgate.preflight import not_redis
+
+    exc = BackendUnavailable("redis: InvalidResponse")
+    exc.__cause__ = InvalidResponse(f'Protocol error, got "{first}" as reply type byte')
+    found = not_redis(exc)
+    assert found is not None and str(found).endswith(said)
+    assert str(found).startswith("AUTHGATE_REDIS_URL points at something that is not Redis")
+    down = BackendUnavailable("redis: ConnectionError")
+    down.__cause__ = ConnectionError("refused")
+    assert not_redis(down) is None

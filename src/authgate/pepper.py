@@ -125,21 +125,27 @@ async def rekey(store: Any) -> Progress:
         total = int(await redis.hlen(pending_key))
     now = time.time()
     rows: list[dict[str, Any]] = []
-    for token_id, digest in sorted(pending_raw.items()):
+    entries = sorted(pending_raw.items())
+    for start in range(0, len(entries), 500):
+        batch = entries[start : start + 500]
         async with mapped_errors():
-            raw = await redis.get(store._th + digest.decode())
-        if raw is None:  # deleted, or moved by a worker a moment ago
-            async with mapped_errors():
-                await redis.hdel(pending_key, token_id)
-            continue
-        record = orjson.loads(raw)
-        rows.append(
-            {
-                "id": token_id.decode(),
-                "display_prefix": record.get("display_prefix", ""),
-                "status": status_of(record, now),
-            }
-        )
+            pipe = redis.pipeline(transaction=False)
+            for _, digest in batch:
+                pipe.get(store._th + digest.decode())
+            raws = await pipe.execute()
+        for (token_id, _), raw in zip(batch, raws, strict=True):
+            if raw is None:  # deleted, or moved by a worker a moment ago
+                async with mapped_errors():
+                    await redis.hdel(pending_key, token_id)
+                continue
+            record = orjson.loads(raw)
+            rows.append(
+                {
+                    "id": token_id.decode(),
+                    "display_prefix": record.get("display_prefix", ""),
+                    "status": status_of(record, now),
+                }
+            )
     active = sum(1 for r in rows if r["status"] == "active")
     if active == 0 and not started:
         async with mapped_errors():  # nothing left to move: the workers may stop looking
@@ -176,6 +182,8 @@ class PreviousPepper:
         async with mapped_errors():
             raw = await store.redis.get(store._th + old)
         if raw is None:
+            if self._rekeying:  # a concurrent request may have just moved it
+                return await store.record_by_hash(key.hex())
             return None
         now = time.monotonic()
         if now - self._checked > STATE_TTL:

@@ -27,7 +27,10 @@ def not_redis(exc: BackendUnavailable) -> ConfigError | None:
         return None
     match = _FIRST_BYTE.search(str(cause))
     first = match.group(1) if match else ""
-    what = "HTTP" if first == "H" else f"something starting with {first!r}" if first else "junk"
+    # "HTTP/1.1 400 …", or an HTML page from a server that took the command for HTTP/0.9.
+    what = (
+        "HTTP" if first in ("H", "<") else f"something starting with {first!r}" if first else "junk"
+    )
     return ConfigError(
         f"AUTHGATE_REDIS_URL points at something that is not Redis (it answered {what})"
     )
