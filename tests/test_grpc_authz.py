@@ -93,7 +93,8 @@ def ok_headers(response: Any) -> dict[str, str]:
     return {h.header.key.lower(): h.header.value for h in response.ok_response.headers}
 
 
-NORMAL_FORM_ROWS = {"10-encoded-slash", "10-dot-segments"}  # raw paths: see the test
+# Raw paths not in normal form: refused (400) where authgate sees the raw path, as here.
+NORMAL_FORM_ROWS = {"10-encoded-slash", "10-dot-segments", "10-encoded-letter"}
 
 
 @pytest.mark.parametrize("row", ROWS)
@@ -122,10 +123,11 @@ async def test_check_decides_every_row_as_the_http_envoy_dialect(redis_url: str,
         return
     assert response.status.code != 0 and response.HasField("denied_response")
     status, body = denied(response)
-    assert (status, body) == (http.status_code, http.json())
     if _row_id(row) in NORMAL_FORM_ROWS:
-        assert status in (row.status, 400)
+        # httpx resolves dots and escapes before sending: the HTTP side is not this path.
+        assert (status, body["error"]["code"]) in ((row.status, row.code), (400, "BAD_REQUEST"))
         return
+    assert (status, body) == (http.status_code, http.json())
     assert status == row.status
     assert body["error"]["code"] == row.code
     for key, value in row.details.items():

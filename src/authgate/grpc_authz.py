@@ -82,7 +82,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
     def __init__(self, settings: Settings, authorizer: Authorizer) -> None:
         self.authorizer = authorizer
         self.metrics = authorizer.metrics
-        self.reader = RequestReader(settings)
+        self.reader = RequestReader(settings, authorizer.routes)
         # Every header that can carry a token is removed before the request goes upstream.
         removed = [s.name for s in settings.token_sources if s.kind == "header"]
         if any(s.kind == "bearer" for s in settings.token_sources):
