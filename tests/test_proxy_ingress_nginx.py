@@ -289,6 +289,19 @@ def test_annotations_proxy_an_allowed_request_once_with_the_clients_uri(
     ]
 
 
+@pytest.mark.parametrize("form", ["annotations", "snippets"])
+def test_the_exact_prefix_location_is_protected_too(stack: Stack, form: str) -> None:
+    """A Prefix path renders two locations (`/minimal/` and `= /minimal`), each with its
+    own auth location: `/minimal` itself is checked (401 without a token) and, allowed,
+    proxied once without pwt in the snippets form."""
+    stack.echo.clear()
+    assert stack.send(form, Call("/minimal")).status == 401
+    reply = stack.send(form, both("ro", "/minimal"))
+    assert reply.status == 200, reply.text()
+    expected = "/minimal" if form == "snippets" else stack.target(both("ro", "/minimal"))
+    assert [r["target"] for r in stack.echo.received] == [expected]
+
+
 def test_keepalive_form_answers_every_allowed_request_with_500(stack: Stack) -> None:
     """With auth-keepalive (and use-http2 "false") the controller's Lua writes the answer's
     headers into $authHeader1..N while the template declares $authHeader0..N-1: an
