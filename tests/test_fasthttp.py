@@ -27,11 +27,11 @@ from uvicorn.server import ServerState
 
 from authgate import tokens
 from authgate.app import Runtime
-from authgate.auth import Headers
 from authgate.backend import connect
 from authgate.config import load_settings
 from authgate.fasthttp import MAX_HEAD, FastProtocol, encode
 from authgate.store import TokenStore
+from authgate.wire import Headers
 from tests.conftest import AuthgateProcess, Valkey, base_env, start_authgate
 from tests.inproc import auth_scope
 
@@ -657,8 +657,8 @@ def test_allowed_answer_is_encoded_once_per_token_and_byte_for_byte(
         plain = (status, list(headers), body)
         for form in ({}, {"close": True}, {"keep_alive_header": True}, {"head_only": True}):
             assert encode((status, headers, body), **form) == encode(plain, **form)
-    assert dict(answers[-1][1])[b"x-authgate-uri"] == b"/v1/b%20c/?x=1"
-    assert dict(answers[-1][1])[b"x-user-id"] == b"u-1"
+    assert dict(answers[-1][1])[b"X-Authgate-Uri"] == b"/v1/b%20c/?x=1"
+    assert dict(answers[-1][1])[b"X-User-Id"] == b"u-1"
 
 
 @pytest.mark.parametrize("field", ["org", "roles", "user_id"])

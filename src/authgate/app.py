@@ -13,13 +13,15 @@ import logging
 import time
 from typing import Any
 
-from .auth import Authorizer, DataPlane, Receive, Scope, Send
+from .authorizer import Authorizer
 from .backend import connect, connect_subscriber, mapped_errors, watch_topology
 from .cache import TokenCache
 from .config import Settings, load_settings
+from .dataplane import DataPlane
 from .errors import BackendUnavailable
 from .invalidation import Invalidator
 from .metrics import Metrics
+from .plane import Receive, Scope, Send
 from .store import TokenStore
 from .usage import UsageRecorder
 
