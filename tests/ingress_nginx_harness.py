@@ -7,7 +7,9 @@ documented behaviour, reduced to what touches external auth:
 
 - the controller ConfigMap: `log-format-upstream` (+ `log-format-escape-json`) becomes
   the `upstreaminfo` access-log format, `error-log-level` the error_log level;
-  `use-http2` and the `auth-keepalive*` annotations pick the form;
+  `use-forwarded-headers: "true"` turns on the realip module for X-Forwarded-For from
+  `proxy-real-ip-cidr` (default 0.0.0.0/0); `use-http2` and the `auth-keepalive*`
+  annotations pick the form;
 - a Prefix path `/minimal` becomes `location "/minimal/"` plus `location = "/minimal"`,
   each with its own internal auth location `/_external-auth-<base64 path>-<pathType>`;
 - default form: `auth_request` to the auth location, which sets X-Original-URL,
@@ -67,6 +69,7 @@ CONTROLLER_DEFAULTS: dict[str, str] = {
     "error-log-level": "notice",
     "use-http2": "true",
     "use-forwarded-headers": "false",
+    "proxy-real-ip-cidr": "0.0.0.0/0",
     "allow-snippet-annotations": "false",
     "annotations-risk-level": "High",
 }
@@ -412,6 +415,11 @@ def render(
         head.append(f"user {pwd.getpwuid(os.geteuid()).pw_name};")
     if lua:
         head += [f"load_module {DEBIAN_MODULES / m};" for m in LUA_MODULES]
+    real_ip = []
+    if cfg["use-forwarded-headers"] == "true":
+        real_ip = ["    real_ip_header X-Forwarded-For;", "    real_ip_recursive on;"]
+        cidrs = [c.strip() for c in cfg["proxy-real-ip-cidr"].split(",") if c.strip()]
+        real_ip += [f"    set_real_ip_from {c};" for c in cidrs]
     auth_upstreams = []
     if ctl.keepalive:
         requests = ctl.annotations.get("auth-keepalive-requests", "1000")
@@ -459,6 +467,7 @@ def render(
             "    server_tokens off;",
             "    underscores_in_headers off;",
             "    ignore_invalid_headers on;",
+            *real_ip,
             f"    log_format upstreaminfo {escape}'{log_format}';",
             "    map $request_uri $loggable {",
             "        default 1;",

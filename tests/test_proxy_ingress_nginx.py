@@ -120,6 +120,8 @@ def controller(form: str) -> Controller:
             annotations={**KEEPALIVE, **snippet},
             config={"use-http2": "false", **switches},
         )
+    if form == "forwarded_headers":
+        return load(ANNOTATIONS, config={"use-forwarded-headers": "true"})
     return load(ANNOTATIONS, configmap=None if form == "defaults" else "")
 
 
@@ -182,7 +184,7 @@ def stack(valkey: Valkey, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             "_hung": f"127.0.0.1:{hung.getsockname()[1]}",
             "_impostor": echo.address,  # answers 200 without X-Authgate-Uri
         }
-        wanted = [("defaults", ""), ("keepalive_declared", "")]
+        wanted = [("defaults", ""), ("keepalive_declared", ""), ("forwarded_headers", "")]
         wanted += [("snippets", "_hung"), ("snippets", "_impostor")]
         wanted += [(form, via) for form in FORMS for via in list(neighbours)[:3]]
         for form, via in wanted:
@@ -475,6 +477,15 @@ def test_client_cannot_choose_its_address(
     if form == "snippets":
         error = error_of(reply)
         assert (error["code"], error["details"]["client_ip"]) == ("IP_NOT_ALLOWED", "127.0.0.1")
+
+
+def test_use_forwarded_headers_would_let_a_client_choose_its_address(stack: Stack) -> None:
+    """Control for the shipped `use-forwarded-headers: "false"`: with "true" and the
+    default proxy-real-ip-cidr (0.0.0.0/0) a client's own X-Forwarded-For becomes the
+    address the controller sends authgate, and gets a token past its IP allowlist."""
+    spoof = [("X-Forwarded-For", "203.0.113.9")]
+    assert stack.send("forwarded_headers", both("ip_denied"), headers=spoof).status == 200
+    assert stack.send("annotations", both("ip_denied"), headers=spoof).status == 403
 
 
 SPOOFED_ORIGINAL = [
