@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -289,6 +290,28 @@ request = function()
 end
 """
 
+FORGED_LUA = r"""
+-- Forged tokens: well formed, checksum and all, never issued, each used once (a file made
+-- by the bench; more lines than the run sends, so the negative cache never sees one twice).
+-- One request is formatted, then each token is spliced into it: cheap for wrk, so the
+-- flood takes little of the machine's CPU.
+local lines = {}
+for line in io.lines("%(file)s") do lines[#lines + 1] = line end
+local parts = nil
+local n = 0
+request = function()
+  if parts == nil then
+    local r = wrk.format("GET", "%(path)s?pwt=@TOKEN@", {["X-Power-Token"] = "@TOKEN@"})
+    local a, b = r:find("@TOKEN@", 1, true)
+    local c, d = r:find("@TOKEN@", b + 1, true)
+    parts = {r:sub(1, a - 1), r:sub(b + 1, c - 1), r:sub(d + 1)}
+  end
+  n = n %% #lines + 1
+  local tok = lines[n]
+  return parts[1] .. tok .. parts[2] .. tok .. parts[3]
+end
+"""
+
 PATHS_LUA = r"""
 -- What nginx's auth subrequest carries, with a different original path on every request
 -- (more paths than authgate remembers route matches for).
@@ -510,6 +533,7 @@ class Tokens:
                     pipe.set(store._th + digest, json.dumps(record, separators=(",", ":")))
                     pipe.set(store._ti + record["id"], digest)
                     pipe.zadd(store.ids_key, {record["id"]: record["created_at"]})
+                    pipe.publish(store.channel, digest)  # as create does: now it is issued
                     out.append(token)
                 pipe.execute()
         finally:
@@ -559,6 +583,50 @@ def first_use_gets(rc: redis.Redis, toks: Tokens, port: int) -> int:
     return calls_since(rc, before).get("get", 0)
 
 
+class FirstUse:
+    """A token created in the middle of a run and used at once through `url`: whether its
+    first answer was 200, and how long after its creation returned that answer came."""
+
+    def __init__(self, toks: Tokens, url: str, after: float) -> None:
+        self.toks, self.url, self.after = toks, url, after
+        self.status = 0
+        self.seconds = float("inf")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> FirstUse:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        if self._stop.wait(self.after):  # a point inside the run, not a wait for a server
+            return
+        token, _ = self.toks.create()
+        created = time.monotonic()
+        r = httpx.get(f"{self.url}?pwt={token}&page=2", headers={"X-Power-Token": token})
+        self.seconds = time.monotonic() - created
+        self.status = r.status_code
+
+
+def forged_tokens(path: Path, count: int) -> Path:
+    """`count` forged tokens (never issued, every one well formed), one a line."""
+    path.write_text("\n".join(tokens.generate("min_") for _ in range(count)) + "\n")
+    return path
+
+
+# The request shapes that cost authgate the most CPU without a token or with a bad one
+# (each within the 16 KB head and 8 KB header-value limits), against a cached allowed one.
+WORST_SHAPES = {
+    "query_of_percent_pairs_7.9k": PATH + "?" + "%=%&" * 1975,
+    "path_7.7k_with_one_percent": PATH + "/" + "a" * 7700 + "%41",
+    "query_of_4k_short_pairs": PATH + "?" + "a=1&" * 1975,
+}
+
+
 def enforcement(toks: Tokens, ports: list[int], action: str, rounds: int) -> list[float]:
     """Per round: seconds from the change until every instance refuses the token."""
     clients = [httpx.Client(base_url=f"http://127.0.0.1:{p}", timeout=2.0) for p in ports]
@@ -572,8 +640,11 @@ def enforcement(toks: Tokens, ports: list[int], action: str, rounds: int) -> lis
                 return client.get("/auth", headers=headers).status_code == 200
 
             for c in clients:  # cached on every instance
-                if not all(allowed(c) for _ in range(3)):
-                    raise RuntimeError("enforcement: a fresh token was refused")
+                for _ in range(3):
+                    r = c.get("/auth", headers=headers)
+                    if r.status_code != 200:
+                        real = r.headers.get("x-authgate-status", r.status_code)
+                        raise RuntimeError(f"enforcement: a fresh token was refused ({real})")
             effective = toks.change(action, token_id)
             pending = set(range(len(clients)))
             worst = 0.0
@@ -717,6 +788,13 @@ def main() -> int:
             )
         runs["hello_direct"], runs["authgate_direct"] = merge(hellos), merge(directs)
         runs["authgate_direct_paths"] = merge(varied)
+        shapes: dict[str, Run] = {}
+        for shape, uri in WORST_SHAPES.items():  # no token: refused, whatever it costs
+            headers = {**nginx_headers(token), "X-Original-URI": uri}
+            del headers["X-Power-Token"]
+            shapes[shape] = wrk.run(
+                f"http://127.0.0.1:{ag_port}/auth", {"app": ag_worker}, headers=headers
+            )
         for name, r in runs.items():
             if r.non2xx:
                 raise RuntimeError(f"{name}: {r.non2xx} answers were not 2xx")
@@ -760,6 +838,36 @@ def main() -> int:
             flush=True,
         )
 
+        # Forged tokens (well formed, never issued), each used once, beside the same valid
+        # traffic; a token created in the middle of each run is used at once.
+        forged_runs: list[list[Run]] = []
+        forged_calls: dict[str, int] = {}
+        first_uses: list[FirstUse] = []
+        for i in range(PAIRS):  # new tokens for each run
+            forged_file = forged_tokens(work / f"forged-{i}.txt", 20_000 * SECONDS)
+            forged_lua = FORGED_LUA % {"file": forged_file, "path": PATH}
+            beside_forged = [
+                fg,
+                (f"http://127.0.0.1:{gate_port}/", {"script": forged_lua, "connections": half}),
+            ]
+            before = command_calls(rc)
+            with FirstUse(toks, f"http://127.0.0.1:{gate_port}{PATH}", SECONDS / 2) as first:
+                forged_runs.append(
+                    wrk.together(beside_forged, {"nginx": ngx_worker, "app": ag_worker})
+                )
+            first_uses.append(first)
+            for k, v in calls_since(rc, before).items():
+                forged_calls[k] = forged_calls.get(k, 0) + v
+        with_forged = [merge([r[i] for r in forged_runs]) for i in range(2)]
+        first_use_ms = max(f.seconds for f in first_uses) * 1000
+        first_use_ok = all(f.status == 200 for f in first_uses)
+        print(
+            f"  valid traffic: {with_forged[0].rps:.0f} req/s beside forged tokens; forged "
+            f"{with_forged[1].rps:.0f} req/s, Redis {forged_calls}; a new token's first use "
+            f"{'allowed' if first_use_ok else 'REFUSED'} in {first_use_ms:.1f} ms (worst)",
+            flush=True,
+        )
+
         gets = first_use_gets(rc, toks, ag_port)
 
         port2, _ = start_authgate(stack, env)
@@ -791,6 +899,9 @@ def main() -> int:
     limit, gate = runs["nginx_limit"], runs["nginx_authgate"]
     hello_cpu = runs["hello_direct"].cpu_us["app"]
     results["runs"] = {k: v.row() for k, v in runs.items()}
+    decision_cpu = runs["authgate_direct"].cpu_us["app"]
+    shape_ratios = {k: round(v.cpu_us["app"] / decision_cpu, 2) for k, v in shapes.items()}
+    worst_shape = max(shape_ratios, key=lambda k: shape_ratios[k])
     results["targets"] = {
         "end_to_end_ratio": round(gate.rps / limit.rps, 3),
         "cpu_per_decision_vs_hello": round(runs["authgate_direct"].cpu_us["app"] / hello_cpu, 3),
@@ -808,6 +919,34 @@ def main() -> int:
             "redis_commands_per_flood_request": round(
                 sum(flood_calls.values()) / max(with_flood[1].requests, 1), 6
             ),
+        },
+        "forged_flood": {
+            "valid_rps_beside_forged": round(with_forged[0].rps),
+            "valid_rps_beside_valid": round(with_valid[0].rps),
+            "valid_ratio": round(with_forged[0].rps / with_valid[0].rps, 3),
+            "forged_requests": with_forged[1].requests,
+            "forged_rps": round(with_forged[1].rps),
+            "forged_p99_ms": with_forged[1].p99_ms,
+            "redis_commands": forged_calls,
+            "redis_commands_per_100_forged_requests": round(
+                100 * sum(forged_calls.values()) / max(with_forged[1].requests, 1), 4
+            ),
+            # CPU per request of all requests (valid and flood) of each mix: steadier than
+            # the rates on a busy machine
+            "cpu_us_per_request_beside_forged": {
+                k: round(v, 1) for k, v in with_forged[0].cpu_us.items()
+            },
+            "cpu_us_per_request_beside_valid": {
+                k: round(v, 1) for k, v in with_valid[0].cpu_us.items()
+            },
+            "new_token_first_use_allowed": first_use_ok,
+            "new_token_first_use_ms": round(first_use_ms, 1),
+        },
+        "worst_request_shape": {
+            "cpu_us_per_request": {k: round(v.cpu_us["app"], 1) for k, v in shapes.items()},
+            "vs_cached_allowed_decision": shape_ratios,
+            "worst": worst_shape,
+            "worst_ratio": shape_ratios[worst_shape],
         },
         "redis_commands_during_nginx_authgate_run": main_calls,
         "redis_writes_per_allowed_request": round(
@@ -863,6 +1002,11 @@ def print_table(results: dict[str, Any]) -> None:
         )
     f, m = t["flood"], t["memory"]
     worst = max(t["enforcement_worst_ms"].values())
+    mixes = t["forged_flood"]
+    cpu_mix = (
+        mixes["cpu_us_per_request_beside_forged"]["app"]
+        / mixes["cpu_us_per_request_beside_valid"]["app"]
+    )
     rows = [
         (
             "end to end, nginx+authgate / limit",
@@ -899,6 +1043,37 @@ def print_table(results: dict[str, Any]) -> None:
             f"{f['valid_ratio']:.2f}",
             "≥ 0.90",
             f["valid_ratio"] >= 0.90,
+        ),
+        (
+            "forged tokens: Redis commands per 100",
+            f"{t['forged_flood']['redis_commands_per_100_forged_requests']:.3f}",
+            "≤ 1",
+            t["forged_flood"]["redis_commands_per_100_forged_requests"] <= 1,
+        ),
+        (
+            "valid req/s beside forged / beside valid",
+            f"{t['forged_flood']['valid_ratio']:.2f}",
+            "≥ 0.90",
+            t["forged_flood"]["valid_ratio"] >= 0.90,
+        ),
+        (
+            "  app CPU per request, that mix / valid mix",
+            f"{cpu_mix:.2f}",
+            "≤ 1.10",
+            cpu_mix <= 1.10,
+        ),
+        (
+            "a new token's first use, during forged flood",
+            f"{t['forged_flood']['new_token_first_use_ms']:.0f} ms",
+            "≤ 1000 ms",
+            t["forged_flood"]["new_token_first_use_allowed"]
+            and t["forged_flood"]["new_token_first_use_ms"] <= 1000,
+        ),
+        (
+            "CPU of the worst request shape / cached allowed",
+            f"{t['worst_request_shape']['worst_ratio']:.2f}",
+            "≤ 5",
+            t["worst_request_shape"]["worst_ratio"] <= 5,
         ),
         (
             f"revoke/rotate/delete enforced, worst of {t['enforcement_rounds']}",

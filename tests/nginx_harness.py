@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX_DIR = ROOT / "deploy" / "nginx"
@@ -296,6 +297,59 @@ def request(
         return Reply(resp.status, list(resp.getheaders()), data)
     finally:
         conn.close()
+
+
+# -- what upstreams act on --------------------------------------------------------------------
+
+# Headers that a client may send and that upstreams act on (method override middleware,
+# IIS/Symfony/Spring URL rewriting, proxies' originals, host/prefix/scheme claims): the
+# shipped identity.conf clears every one before the upstream.
+ACTED_ON = [
+    ("X-HTTP-Method-Override", "DELETE"),
+    ("X-Method-Override", "DELETE"),
+    ("X-HTTP-Method", "DELETE"),
+    ("X-Original-Method", "DELETE"),
+    ("X-Forwarded-Method", "DELETE"),
+    ("X-Original-URL", "/minimal/api/system/users"),
+    ("X-Rewrite-URL", "/minimal/api/system/users"),
+    ("X-Original-URI", "/minimal/api/system/users"),
+    ("X-Forwarded-Uri", "/minimal/api/system/users"),
+    ("X-Forwarded-Host", "evil.example"),
+    ("X-Forwarded-Prefix", "/minimal/api/system"),
+    ("X-Forwarded-Port", "8443"),
+    ("X-Forwarded-Server", "evil.example"),
+    ("X-Forwarded-Scheme", "https"),
+    ("X-Scheme", "https"),
+    ("Forwarded", "for=203.0.113.9;host=evil.example;proto=https"),
+]
+# nginx's own view replaces the client's claim
+SET_BY_NGINX = {
+    "X-Real-IP": "127.0.0.1",
+    "X-Forwarded-For": "127.0.0.1",
+    "X-Forwarded-Proto": "http",
+}
+
+
+SPOOFED_ROUTING = [
+    *ACTED_ON,
+    ("X-Real-IP", "203.0.113.9"),
+    ("X-Forwarded-For", "203.0.113.9"),
+    ("X-Forwarded-Proto", "https"),
+]
+
+
+def assert_routing_headers_cleared(record: dict[str, Any]) -> None:
+    """None of ACTED_ON in what the upstream received; SET_BY_NGINX as nginx saw them."""
+    assert {name: _values(record, name) for name, _ in ACTED_ON} == {
+        name: [] for name, _ in ACTED_ON
+    }
+    assert {name: _values(record, name) for name in SET_BY_NGINX} == {
+        name: [value] for name, value in SET_BY_NGINX.items()
+    }
+
+
+def _values(record: dict[str, Any], name: str) -> list[str]:
+    return [v for k, v in record["headers"] if k.lower() == name.lower()]
 
 
 # -- reading the configuration ---------------------------------------------------------------

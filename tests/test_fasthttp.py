@@ -738,3 +738,123 @@ def test_answers_of_one_read_leave_in_one_write(plane_runtime: Runtime) -> None:
     statuses = [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", out)]
     assert statuses == [200] * 9 + [404, 200]
     assert len(writes) == 1 and writes[0] == out
+
+
+# -- server limits: trailers, the header timeout, the connection cap ------------------------------
+def test_chunked_trailer_is_never_a_header(valkey: Valkey, server: AuthgateProcess) -> None:
+    """A trailer after a chunked body (`X-Real-IP` from a trusted peer) is dropped with the
+    body: the allowlist is judged on the peer's own address, not the trailer's."""
+    bound = mint(valkey.url, name="trailer", ip_allowlist=["203.0.113.0/24"])
+    head = (
+        f"POST /auth HTTP/1.1\r\nHost: authgate\r\nX-Original-URI: /t?pwt={bound}\r\n"
+        f"{GET}X-Power-Token: {bound}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    conn = Conn(server.port)
+    conn.send(head.encode() + b"2\r\nhi\r\n0\r\nX-Real-IP: 203.0.113.9\r\n\r\n")
+    resp = conn.read()
+    assert resp.header("x-authgate-status") == "403"
+    assert b"IP_NOT_ALLOWED" in (resp.header("x-authgate-error") or "").encode()
+    conn.send(ask(bound, f"/t?pwt={bound}", extra="X-Real-IP: 203.0.113.9\r\n"))
+    assert conn.read().status == 200  # the same address as a header counts
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def limited(valkey: Valkey) -> Iterator[AuthgateProcess]:
+    """`authgate serve` with 4 data-plane connections at most and a 1 s header timeout."""
+    ag = start_authgate(
+        base_env(valkey.url, AUTHGATE_MAX_CONNECTIONS="4", AUTHGATE_HEADER_TIMEOUT="1s")
+    )
+    ag.extra["token"] = mint(valkey.url, name="limited")
+    yield ag
+    ag.stop()
+
+
+def _metric(ag: AuthgateProcess, name: str) -> float:
+    import httpx
+
+    text = httpx.get(ag.metrics_url).text
+    found = re.search(rf"^{name}_total (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [
+        pytest.param(b"", id="nothing-sent"),
+        pytest.param(b"GET /auth HTTP/1.1\r\nX-Original-URI: /x\r\n", id="half-a-head"),
+        pytest.param(b"GET /au", id="half-a-request-line"),
+        pytest.param(b"POST /auth HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc", id="half-a-body"),
+    ],
+)
+def test_half_sent_request_is_cut_off_at_the_header_timeout(
+    limited: AuthgateProcess, partial: bytes
+) -> None:
+    """A connection whose request has not arrived whole within AUTHGATE_HEADER_TIMEOUT (1 s
+    here) is closed, counted in authgate_header_timeouts; it is not held for the 75 s of the
+    keep-alive timeout."""
+    before = _metric(limited, "authgate_header_timeouts")
+    conn = Conn(limited.port, timeout=6)
+    started = time.monotonic()
+    if partial:
+        conn.send(partial)
+    assert conn.closed()
+    assert 0.9 < time.monotonic() - started < 3
+    conn.close()
+    deadline = time.monotonic() + 2
+    while _metric(limited, "authgate_header_timeouts") < before + 1:
+        assert time.monotonic() < deadline, "the timeout was not counted"
+        time.sleep(0.05)
+
+
+def test_requests_slower_than_the_header_timeout_in_total_keep_their_connection(
+    limited: AuthgateProcess,
+) -> None:
+    """The timeout applies to each request, not to the connection: a keep-alive connection
+    that sends a whole request every 0.6 s is never cut off."""
+    token = limited.extra["token"]
+    assert isinstance(token, str)
+    conn = Conn(limited.port)
+    for _ in range(4):
+        conn.send(ask(token, f"/k?pwt={token}"))
+        assert conn.read().status == 200
+        time.sleep(0.6)  # idle between requests, as a keep-alive client is
+    conn.close()
+
+
+def test_connections_beyond_the_cap_are_refused_and_counted(limited: AuthgateProcess) -> None:
+    """With AUTHGATE_MAX_CONNECTIONS=4, a fifth open data-plane connection is answered 503
+    (JSON, Connection: close) and closed, counted in authgate_connections_refused; once one
+    closes, a new connection is served."""
+    token = limited.extra["token"]
+    assert isinstance(token, str)
+    before = _metric(limited, "authgate_connections_refused")
+    held = []
+    for _ in range(4):
+        conn = Conn(limited.port)
+        conn.send(ask(token, f"/c?pwt={token}"))
+        assert conn.read().status == 200
+        held.append(conn)
+    extra = Conn(limited.port)
+    resp = extra.read()
+    assert resp.status == 503 and resp.header("connection") == "close"
+    assert b"UNAVAILABLE" in resp.body
+    assert extra.closed()
+    extra.close()
+    assert _metric(limited, "authgate_connections_refused") == before + 1
+    held.pop().close()
+    deadline = time.monotonic() + 5
+    while True:  # the server sees the close a moment later
+        conn = Conn(limited.port)
+        conn.send(ask(token, f"/c?pwt={token}"))
+        try:
+            if conn.read().status == 200:
+                break
+        except (EOFError, ConnectionResetError):
+            pass
+        finally:
+            conn.close()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for conn in held:
+        conn.close()

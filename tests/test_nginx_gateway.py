@@ -32,8 +32,10 @@ from tests.conftest import ROOT, Valkey, base_env, free_port, run_cli, start_aut
 from tests.echo_upstream import EchoUpstream
 from tests.nginx_harness import (
     NGINX_DIR,
+    SPOOFED_ROUTING,
     Nginx,
     Reply,
+    assert_routing_headers_cleared,
     nginx_binary,
     protected_locations,
     render,
@@ -484,6 +486,76 @@ def test_upstream_receives_the_path_that_was_authorised(
     assert reply.status == 200, reply.body
     (record,) = stack.echo.received
     assert record["target"] == forwarded
+
+
+def test_upstream_never_gets_client_headers_it_would_act_on(stack: Stack) -> None:
+    """Method overrides (a -w- token's POST with X-HTTP-Method-Override: DELETE),
+    original-URL/rewrite headers, host, prefix, scheme and address claims a client sends
+    never reach the upstream; X-Real-IP, X-Forwarded-For and X-Forwarded-Proto carry nginx's
+    own view."""
+    stack.echo.clear()
+    reply = stack.send(both("rw", method="POST"), headers=SPOOFED_ROUTING)
+    assert reply.status == 200, reply.body
+    (record,) = [r for r in stack.echo.received if r["target"] != "/auth"]
+    assert record["method"] == "POST"
+    assert_routing_headers_cleared(record)
+
+
+@pytest.mark.parametrize("prefix", ["/minimal/api", "/minimal/rest/apps"])
+def test_no_redirect_carries_the_token(stack: Stack, prefix: str) -> None:
+    """A protected prefix without its trailing slash, with pwt in the query, is refused
+    with 404 JSON: nginx does not answer it with its own 301 whose Location echoes the
+    query (pwt included) and the client's Host header."""
+    token = stack.value("ro")
+    reply = request(
+        stack.nginx["main"].api_port,
+        f"{prefix}?pwt={token}",
+        headers=[("X-Power-Token", token)],
+    )
+    assert reply.status == 404
+    assert json.loads(reply.body)["error"]["code"] == "NOT_FOUND"
+    assert reply.header("Location") is None
+    assert token not in reply.text()
+
+
+def _filler(total: int, line: int = 7000) -> list[tuple[str, str]]:
+    return [(f"X-Filler-{i}", "v" * line) for i in range(total // line + 1)]
+
+
+@pytest.mark.parametrize(
+    ("target", "headers", "status"),
+    [
+        # Under nginx's limits (8 KB a line, 32 KB in all) but over authgate's 16 KB: authgate
+        # refuses to read it (431) and the client gets that, never nginx's 500.
+        pytest.param("{path}?pwt={token}", _filler(21_000), 431, id="21k-headers-past-nginx"),
+        pytest.param("{path}?pwt={token}", [("Cookie", "c" * 9000)], 431, id="one-9k-header"),
+        pytest.param("{path}?pwt={token}", _filler(40_000), 431, id="40k-headers"),
+        pytest.param("{path}?pwt={token}&q=" + "q" * 9000, [], 414, id="9k-request-line"),
+    ],
+)
+def test_oversized_requests_get_the_json_error(
+    stack: Stack, target: str, headers: list[tuple[str, str]], status: int
+) -> None:
+    """Requests too large for nginx or for authgate get 414/431 with the JSON error body
+    (application/json), never nginx's HTML page nor a 500, and no token in the answer; the
+    verbose twin logs no "unexpected status"."""
+    token = stack.value("ro")
+    sent = [("X-Power-Token", token), *headers]
+    for via in ("main", "main_verbose"):
+        reply = request(
+            stack.nginx[via].api_port, target.format(path=SCOPED, token=token), headers=sent
+        )
+        assert reply.status == status, (via, reply.status, reply.body[:200])
+        assert reply.header("Content-Type") == "application/json"
+        assert json.loads(reply.body)["error"]["code"] == "BAD_REQUEST"
+        assert token not in reply.text()
+    share = request(
+        stack.nginx["main"].share_port, target.format(path="/dashboard", token=token), headers=sent
+    )
+    if share.status != 401:  # only what nginx injects reaches authgate from a shared page
+        assert share.status in (414, 431), share.status
+        assert share.header("Content-Type") == "application/json"
+        assert token not in share.text()
 
 
 def test_request_body_reaches_the_upstream_not_authgate(stack: Stack) -> None:

@@ -19,7 +19,15 @@ import redis
 
 from tests.conftest import Valkey, base_env, free_port, run_cli, start_authgate
 from tests.echo_upstream import APP_MODES, APP_PAGE, EchoUpstream
-from tests.nginx_harness import Nginx, Reply, nginx_binary, render, request
+from tests.nginx_harness import (
+    SPOOFED_ROUTING,
+    Nginx,
+    Reply,
+    assert_routing_headers_cleared,
+    nginx_binary,
+    render,
+    request,
+)
 
 pytestmark = pytest.mark.nginx
 
@@ -164,6 +172,16 @@ def test_consumer_never_sees_app_id_token_or_upstream(stack: Stack, path: str, m
                 assert (error["message"], error["details"]) == (GENERIC, {})
     finally:
         stack.echo.app_mode = "page"
+
+
+def test_app_never_gets_client_headers_it_would_act_on(stack: Stack) -> None:
+    """A consumer's method overrides, original-URL/rewrite headers, host, prefix, scheme and
+    address claims never reach the shared app; the address headers are nginx's own view."""
+    stack.echo.clear()
+    reply = stack.get("/dashboard", headers=SPOOFED_ROUTING)
+    assert reply.status == 200, reply.body
+    (record,) = stack.echo.received
+    assert_routing_headers_cleared(record)
 
 
 def test_consumer_cannot_choose_the_app_or_the_token(stack: Stack) -> None:

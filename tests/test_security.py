@@ -30,7 +30,14 @@ from tests.cluster_harness import (
     run_store,
     unknown_token,
 )
-from tests.conftest import PEPPER, AuthgateProcess, base_env, run_cli, start_authgate
+from tests.conftest import (
+    PEPPER,
+    AuthgateProcess,
+    base_env,
+    free_port,
+    run_cli,
+    start_authgate,
+)
 from tests.inproc import settings_for
 
 SCOPED = "/minimal/api/rest/v1/acme/tunes/items"
@@ -391,6 +398,57 @@ def test_management_api_is_absent_from_the_data_plane(
             assert r.json()["error"]["code"] == "NOT_FOUND"
     assert redis_snapshot(node, usage=False) == before
     assert httpx.get(f"{gate.admin_url}/openapi.json").status_code == 200
+
+
+def test_listeners_are_told_apart_by_socket_not_port(node: ValkeyNode) -> None:
+    """With the data plane on 127.0.0.1:P and the management API on 127.0.0.2:P (one port,
+    two sockets), the data-plane address serves no management route and the management
+    address no decision."""
+    [(manager, _)] = issue(node.url, kind="management", key_type="rwd")
+    [(reader, _)] = issue(node.url)
+    port = free_port()
+    env = base_env(node.url, AUTHGATE_ADMIN_LISTEN=f"127.0.0.2:{port}")
+    ag = start_authgate(env, port=port)
+    try:
+        auth = {"Authorization": f"Bearer {manager}"}
+        data = httpx.get(f"http://127.0.0.1:{port}/v1/tokens", headers=auth)
+        assert data.status_code == 404 and data.json()["error"]["code"] == "NOT_FOUND"
+        assert httpx.get(f"http://127.0.0.1:{port}/openapi.json").status_code == 404
+        assert ask(ag.url, reader).status == 200
+        admin = f"http://127.0.0.2:{port}"
+        assert httpx.get(f"{admin}/openapi.json").status_code == 200
+        assert httpx.get(f"{admin}/v1/tokens", headers=auth).status_code == 200
+        assert ask(admin, reader).status == 404  # no /auth on the management listener
+    finally:
+        ag.stop()
+    log = ag.log()
+    assert manager not in log and reader not in log
+
+
+# -- logs at debug level ------------------------------------------------------------------------
+def test_upgrade_request_headers_are_never_logged(node: ValkeyNode, gate: AuthgateProcess) -> None:
+    """An Upgrade (WebSocket handshake) request to the management API, made with a bearer
+    token, is answered as plain HTTP, and at debug level nothing logs its headers: neither
+    the token nor any header value appears in the log."""
+    [(manager, _)] = issue(node.url, kind="management", key_type="r--")
+    marker = "marker-" + hashlib.sha256(manager.encode()).hexdigest()[:16]
+    handshake = {
+        "Authorization": f"Bearer {manager}",
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+        "X-Marker": marker,
+    }
+    for path in ("/v1/tokens", "/", "/console/"):
+        r = httpx.get(f"{gate.admin_url}{path}", headers=handshake)
+        assert r.status_code != 101
+    r = httpx.get(f"{gate.url}/auth", headers={**handshake, "X-Power-Token": manager})
+    assert r.status_code != 101
+    assert ask(gate.url, None).status == 401  # the server still answers afterwards
+    log = gate.log()
+    assert manager not in log and marker not in log
+    assert "WebSocket library" not in log  # no advice to install one, either
 
 
 # -- the sweep: after everything above ----------------------------------------------------------

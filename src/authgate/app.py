@@ -1,8 +1,8 @@
 """One worker process: its Redis clients, cache, background tasks, and the ASGI entry.
 
 `create_app()` is what uvicorn loads in each worker. Requests are dispatched by the
-listening port: the management API answers only on AUTHGATE_ADMIN_LISTEN, never on the
-data-plane port.
+listening socket they arrived on (`listeners`): the management API answers only on the
+AUTHGATE_ADMIN_LISTEN socket, never on the data plane's, even when both share a port.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from .config import Settings, load_settings
 from .dataplane import DataPlane
 from .errors import BackendUnavailable
 from .invalidation import Invalidator
+from .issued import IssuedTokens
+from .listeners import listener
 from .metrics import Metrics
 from .plane import Receive, Scope, Send
 from .store import TokenStore
@@ -50,7 +52,12 @@ class Runtime:
             negative_size=settings.negative_cache_size,
         )
         self.usage = UsageRecorder()
-        self.authorizer = Authorizer(settings, self.store, self.cache, self.metrics, self.usage)
+        self.issued = IssuedTokens(
+            self.redis, settings.key_prefix, on_change=self.metrics.issued_changed
+        )
+        self.authorizer = Authorizer(
+            settings, self.store, self.cache, self.metrics, self.usage, self.issued
+        )
         self.data_plane = DataPlane(settings, self.authorizer, self.ready)
         self.invalidator: Invalidator | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -59,7 +66,9 @@ class Runtime:
 
     async def start(self) -> None:
         sub = connect_subscriber(self.settings.redis_url, self.settings.redis_timeout)
-        self.invalidator = Invalidator(sub, self.store.channel, self.cache, self.metrics)
+        self.invalidator = Invalidator(
+            sub, self.store.channel, self.cache, self.metrics, self.issued
+        )
         self._subscriber = sub
         self._tasks = [
             asyncio.create_task(self.invalidator.run(), name="authgate-invalidation"),
@@ -75,6 +84,7 @@ class Runtime:
             self._tasks.append(asyncio.create_task(follow, name="authgate-topology"))
 
     async def stop(self) -> None:
+        self.issued.unsure()  # ends a load under way
         pending = set(self._tasks)
         while pending:
             for task in pending:
@@ -110,32 +120,38 @@ class Runtime:
 
 
 class WorkerApp:
-    """ASGI entry: lifespan, then dispatch by the local port."""
+    """ASGI entry: lifespan, then dispatch by the listening socket (its local address)."""
 
     def __init__(self, runtime: Runtime, admin: Any = None) -> None:
         self.runtime = runtime
         self.data_plane = runtime.data_plane
         self.admin = admin
         listen = runtime.settings.admin_listen
-        self.admin_port = listen[1] if listen else None
+        self.admin_listener = listener(listen) if listen is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self.lifespan(scope, receive, send)
             return
-        if self.admin is not None:
-            server = scope.get("server")
-            if server is not None and server[1] == self.admin_port:
+        if self.admin_listener is not None and self.admin is not None:
+            if self.admin_listener.accepted(scope.get("server")):
                 await self.admin(scope, receive, send)
                 return
         await self.data_plane(scope, receive, send)
 
     async def lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope.get("state")
-        if state is not None:  # how `fasthttp` finds the data plane and the admin port
-            from .fasthttp import STATE_KEY
+        if state is not None:  # how `fasthttp` finds the data plane and the admin socket
+            from .fasthttp import STATE_KEY, Limits, Served
 
-            state[STATE_KEY] = (self.data_plane, self.admin_port)
+            settings, metrics = self.runtime.settings, self.runtime.metrics
+            state[STATE_KEY] = Served(
+                self.data_plane,
+                self.admin_listener,
+                Limits(settings.max_connections, settings.header_timeout),
+                refused=metrics.connections_refused.inc,
+                timed_out=metrics.header_timeouts.inc,
+            )
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
@@ -147,8 +163,18 @@ class WorkerApp:
                 return
 
 
+class _NoWebSocketAdvice(logging.Filter):
+    """WebSocket is off on purpose (`server.SERVER_OPTIONS`): uvicorn's advice to install a
+    WebSocket library on every Upgrade request is dropped; its "Unsupported upgrade
+    request." line stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No supported WebSocket library")
+
+
 def create_app() -> WorkerApp:
     """uvicorn factory: settings from the environment, metrics into the multiprocess dir."""
+    logging.getLogger("uvicorn.error").addFilter(_NoWebSocketAdvice())
     settings = load_settings()
     runtime = Runtime(settings)
     admin = None

@@ -17,6 +17,7 @@ from .cache import TokenCache
 from .config import Route, Settings
 from .decisions import METHOD_FLAG
 from .errors import BackendUnavailable
+from .issued import IssuedTokens
 from .metrics import Metrics
 from .model import Entry, ip_allowed, iso
 from .plane import AuthRequest, Decision, deny, log
@@ -39,8 +40,10 @@ class Authorizer:
         cache: TokenCache,
         metrics: Metrics,
         usage: UsageRecorder,
+        issued: IssuedTokens | None = None,
     ) -> None:
         self.settings = settings
+        self.issued = issued  # None: every unknown token is asked of Redis
         self.store = store
         self.cache = cache
         self.metrics = metrics
@@ -96,6 +99,11 @@ class Authorizer:
         key = self._hash(token)
         now = time.monotonic()
         state, entry = self.cache.get(key, now)
+        if state == "miss" and self.issued is not None and not self.issued.may_hold(key):
+            await self.issued.settle()
+            if not self.issued.may_hold(key) and self.issued.quiet():
+                self._cache_counts["unissued"] += 1
+                return None  # never issued: no Redis read
         self._cache_counts[state] += 1
         if state == "fresh":
             return entry
@@ -220,6 +228,11 @@ class Authorizer:
             if self.cache.known_unknown(key, now):
                 self._cache_counts["negative"] += 1
                 return deny("TOKEN_INVALID", 5)
+            if self.issued is not None and not self.issued.may_hold(key):
+                if self.issued.quiet():  # a forged token: no Redis read
+                    self._cache_counts["unissued"] += 1
+                    return deny("TOKEN_INVALID", 5)
+                return None  # an announcement may be waiting: `lookup` lets it be applied
             return None
         self._cache_counts["fresh"] += 1
         decision = self.authorize(entry, req, time.time())

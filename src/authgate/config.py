@@ -115,6 +115,8 @@ class Settings:
     max_token_length: int = 256
     trusted_hops: int = 1  # X-Forwarded-For entries, from the right, the proxies vouch for
     reading: Reading = field(default_factory=Reading)  # the request-reading rules (rules.py)
+    max_connections: int = 4096  # open data-plane connections per worker
+    header_timeout: float = 10.0  # a request must arrive whole this soon after its first byte
 
     @property
     def environment(self) -> str:
@@ -241,6 +243,8 @@ _KEYS: dict[str, str] = {
     "key_prefix": "str",
     "metrics_dir": "str",
     "log_level": "level",
+    "max_connections": "int",
+    "header_timeout": "duration",
 }
 
 

@@ -1,16 +1,21 @@
 """The data plane's HTTP/1.1 server: an asyncio protocol on httptools, without ASGI.
 
 uvicorn loads `HttpProtocol` for every listener (`authgate serve` names it as the `http`
-implementation). On a connection to the management API's port it hands the transport to
-uvicorn's own httptools protocol and the ASGI app; on the data-plane port it hands it to
-`FastProtocol`, which answers through `DataPlane.answer_now`, the same function the ASGI
-entry uses. A request the cache can answer is answered inside `data_received`; only one
-that needs Redis (or /readyz) becomes a task, and pipelined answers leave in request order.
+implementation). On a connection accepted by the management API's socket (`listeners`) it
+hands the transport to uvicorn's own httptools protocol and the ASGI app; on the data-plane
+socket it hands it to `FastProtocol`, which answers through `DataPlane.answer_now`, the same
+function the ASGI entry uses. A request the cache can answer is answered inside
+`data_received`; only one that needs Redis (or /readyz) becomes a task, and pipelined
+answers leave in request order.
 
 Limits: request line plus headers at most `MAX_HEAD` bytes and `MAX_HEADERS` headers (431,
 or 414 for the URL, then close); malformed requests get 400 and the connection is closed;
-bodies are read and dropped; an idle keep-alive connection is closed after uvicorn's
-`timeout_keep_alive`.
+bodies are read and dropped, and chunked trailers with them (a trailer is never a header);
+a request must arrive whole within `Limits.header_timeout` of its first byte (a new
+connection's first request, of the connection), else the connection is closed; an idle
+keep-alive connection is closed after uvicorn's `timeout_keep_alive`; beyond
+`Limits.max_connections` open data-plane connections per worker a new one is answered 503
+and closed.
 Nothing here logs a URI or a header value: they carry tokens.
 """
 
@@ -19,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import httptools
@@ -27,13 +34,14 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from .dataplane import DataPlane
+from .listeners import Listener
 from .paths import unescape_loosely
 from .plane import MAX_HEADERS, Answer, Scope
 from .wire import Headers, json_answer, safe_lines
 
 log = logging.getLogger("authgate")
 
-STATE_KEY = "authgate.data_plane"  # lifespan state: (DataPlane, admin port or None)
+STATE_KEY = "authgate.data_plane"  # lifespan state: a `Served`
 MAX_HEAD = 16 * 1024  # request line plus headers
 MAX_PIPELINE = 64  # answers waiting to be written before reading pauses
 
@@ -101,8 +109,46 @@ _UNAVAILABLE_ANSWER = json_answer(
 )
 
 
+_BUSY = encode(
+    json_answer(
+        503,
+        b'{"error":{"code":"UNAVAILABLE","message":"Too many connections; try again '
+        b'shortly.","details":{}}}',
+    ),
+    close=True,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one data-plane connection may hold (settings `max_connections`, per worker,
+    and `header_timeout`, seconds)."""
+
+    max_connections: int = 4096
+    header_timeout: float = 10.0
+
+
+def _uncounted() -> None:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What a worker's lifespan leaves for `HttpProtocol`: the data plane, the management
+    API's listener (None when off), the limits, the open data-plane connections, and the
+    counters of refused and timed-out connections."""
+
+    plane: DataPlane
+    admin: Listener | None
+    limits: Limits = Limits()
+    connections: set[Any] = field(default_factory=set)
+    refused: Callable[[], None] = _uncounted
+    timed_out: Callable[[], None] = _uncounted
+
+
 class HttpProtocol(asyncio.Protocol):
-    """What uvicorn creates per connection: picks the protocol by the local port."""
+    """What uvicorn creates per connection: picks the protocol by the listening socket the
+    connection arrived on (`Listener.accepted`), never by the port alone."""
 
     def __init__(
         self,
@@ -118,13 +164,23 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        found = self.app_state.get(STATE_KEY)
-        sockname = transport.get_extra_info("sockname")
-        port = sockname[1] if isinstance(sockname, tuple) else None
+        found: Served | None = self.app_state.get(STATE_KEY)
         inner: asyncio.Protocol
-        if found is not None and port != found[1]:
+        if found is not None and (
+            found.admin is None or not found.admin.accepted(transport.get_extra_info("sockname"))
+        ):
+            if len(found.connections) >= found.limits.max_connections:
+                found.refused()
+                transport.write(_BUSY)
+                transport.close()
+                return
             inner = FastProtocol(
-                found[0], self.server_state, self.config.timeout_keep_alive, self.loop
+                found.plane,
+                self.server_state,
+                self.config.timeout_keep_alive,
+                self.loop,
+                found.limits,
+                found,
             )
         else:
             inner = HttpToolsProtocol(
@@ -166,11 +222,16 @@ class FastProtocol(asyncio.Protocol):
         server_state: ServerState,
         keep_alive: float,
         loop: asyncio.AbstractEventLoop | None = None,
+        limits: Limits = Limits(),
+        served: Served | None = None,
     ) -> None:
         self.answer_now = plane.answer_now
         self.connections: set[Any] = server_state.connections
+        self.open: set[Any] = served.connections if served is not None else set()
+        self.timed_out = served.timed_out if served is not None else _uncounted
         self.loop = loop or asyncio.get_running_loop()
         self.keep_alive = keep_alive
+        self.header_timeout = limits.header_timeout
         self.parser = httptools.HttpRequestParser(self)
         try:  # answer the first of several pipelined requests when it says Connection: close
             self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
@@ -182,6 +243,8 @@ class FastProtocol(asyncio.Protocol):
         self.queue: deque[_Queued] = deque()
         self.closing = False  # no further request is read; close once the queue is written
         self.in_head = False  # between a request's first byte and the end of its headers
+        self.reading = True  # between a request's first byte (or the connection) and its end
+        self.started = 0.0  # when the request being read began
         self.unparsed = 0  # bytes received since the last complete header block
         self.head_size = 0
         self.url = b""
@@ -200,17 +263,24 @@ class FastProtocol(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         self.connections.add(self)
+        self.open.add(self)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.client = (str(peer[0]), int(peer[1]))
         local = transport.get_extra_info("sockname")
         if isinstance(local, tuple):
             self.server = (str(local[0]), int(local[1]))
-        self.last_active = self.loop.time()
-        self.timer = self.loop.call_later(self.keep_alive, self._idle_check)
+        self.last_active = self.started = self.loop.time()
+        self.timer = self.loop.call_later(self._period(), self._idle_check)
+
+    def _period(self) -> float:
+        """The longest wait between two checks: a request that begins while the timer is
+        set for the keep-alive is still cut off within 1.25 header timeouts."""
+        return min(self.keep_alive, max(self.header_timeout / 4, 0.05))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
+        self.open.discard(self)
         self.closing = True
         if self.timer is not None:
             self.timer.cancel()
@@ -243,6 +313,7 @@ class FastProtocol(asyncio.Protocol):
             transport.pause_reading()
         elif not pause and self.read_paused:
             self.read_paused = False
+            self.started = self.loop.time()  # the time paused by us does not count
             transport.resume_reading()
 
     def shutdown(self) -> None:
@@ -260,11 +331,23 @@ class FastProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        remaining = self.last_active + self.keep_alive - self.loop.time()
+        now = self.loop.time()
+        if self.reading and not self.read_paused and now - self.started >= self.header_timeout:
+            # A request begun and not finished in time (slowloris): nothing more is read.
+            # Answers already under way are written first.
+            self.timed_out()
+            self.closing = True
+            if self._nothing_pending():
+                transport.close()
+            return
+        remaining = self.last_active + self.keep_alive - now
         if remaining <= 0 and self._nothing_pending():
             transport.close()
             return
-        self.timer = self.loop.call_later(max(remaining, 1.0), self._idle_check)
+        delay = max(remaining, 1.0)
+        if self.reading:
+            delay = min(delay, max(self.started + self.header_timeout - now, 0.05))
+        self.timer = self.loop.call_later(min(delay, self._period()), self._idle_check)
 
     # -- reading -----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -296,6 +379,9 @@ class FastProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.in_head = True
+        if not self.reading:
+            self.reading = True
+            self.started = self.loop.time()
         self.url = b""
         self.headers = []
         self.head_size = 0
@@ -307,6 +393,8 @@ class FastProtocol(asyncio.Protocol):
             raise TooLarge(414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            return  # a chunked body's trailer: dropped with the body, never a header
         self.head_size += len(name) + len(value) + 4
         if self.head_size + len(self.url) > MAX_HEAD or len(self.headers) >= MAX_HEADERS:
             raise TooLarge(431)
@@ -328,6 +416,7 @@ class FastProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.unparsed = 0
+        self.reading = False
         if self.closing:
             return
         parser = self.parser

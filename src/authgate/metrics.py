@@ -34,7 +34,8 @@ LATENCY_BUCKETS = (
     0.1,
     0.25,
 )
-CACHE_RESULTS = ("fresh", "stale", "negative", "miss")
+# "unissued": refused without Redis, the hash was never issued (`issued.IssuedTokens`)
+CACHE_RESULTS = ("fresh", "stale", "negative", "unissued", "miss")
 FLUSH_DELAY = 0.05  # seconds a count may wait before it reaches the shared files
 
 
@@ -89,6 +90,30 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.connections_refused = Counter(
+            "authgate_connections_refused",
+            "Data-plane connections refused at AUTHGATE_MAX_CONNECTIONS (per worker)",
+            registry=registry,
+        )
+        self.header_timeouts = Counter(
+            "authgate_header_timeouts",
+            "Data-plane connections closed because a request did not arrive whole within "
+            "AUTHGATE_HEADER_TIMEOUT",
+            registry=registry,
+        )
+        self.issued_ready = Gauge(
+            "authgate_issued_set_ready",
+            "1 when this worker's set of issued token hashes is loaded and current (else "
+            "every unknown token is asked of Redis)",
+            registry=registry,
+            multiprocess_mode="min",
+        )
+        self.issued_size = Gauge(
+            "authgate_issued_set_tokens",
+            "Issued token hashes in this worker's set",
+            registry=registry,
+            multiprocess_mode="max",
+        )
         self.redis_up = Gauge(
             "authgate_redis_up",
             "1 when this worker's last Redis call succeeded",
@@ -134,6 +159,11 @@ class Metrics:
     def redis_failed(self) -> None:
         self.redis_errors.inc()
         self.set_redis_up(False)
+
+    def issued_changed(self, ready: bool, size: int) -> None:
+        """The issued set was loaded, lost its certainty, or grew (rare: a create)."""
+        self.issued_ready.set(1 if ready else 0)
+        self.issued_size.set(size)
 
     def set_redis_up(self, up: bool) -> None:
         value = 1 if up else 0

@@ -32,6 +32,10 @@ SERVER_OPTIONS: dict[str, Any] = {
     # from trusted proxies; the management API's allowlist applies to the peer.
     "proxy_headers": False,
     "backlog": 2048,
+    # No WebSocket: nothing here speaks it, and the WebSocket implementations log a
+    # handshake's headers (Authorization included) at debug level. An Upgrade request to the
+    # management API is answered as plain HTTP.
+    "ws": "none",
 }
 
 

@@ -65,6 +65,9 @@ class TokenStore:
         """Validate, store, audit. Returns (token value shown once, public view)."""
         clean = validate_spec(spec)
         token, record = self._new_record(clean, actor)
+        # Announced before it exists: every instance hears of it before anyone can use it
+        # (`issued.IssuedTokens` refuses unannounced hashes without a Redis read).
+        await self._publish(record["hash"])
         await self._insert(record)
         await self.audit("create", actor, record)
         await self._publish(record["hash"])
@@ -172,6 +175,7 @@ class TokenStore:
         clean = {k: old[k] for k in ATTRIBUTES}
         token, new = self._new_record(clean, actor)
         new["rotated_from"] = token_id
+        await self._publish(new["hash"])  # announced before it exists, as in `create`
         await self._insert(new)
         now = time.time()
         old_expiry = old.get("expires_at")
