@@ -15,6 +15,7 @@ documented behaviour, reduced to what touches external auth:
 - default form: `auth_request` to the auth location, which sets X-Original-URL,
   X-Original-Method, X-Real-IP, X-Forwarded-For, X-Sent-From, X-Auth-Request-Redirect
   (and X-Original-URI, X-Scheme with `auth-method`) on top of the client's own headers;
+  `auth-proxy-set-headers` adds the named ConfigMap's headers to the auth location;
   each `auth-response-headers` name N at position i becomes
   `auth_request_set $authHeader<i> $upstream_http_<n>` and `proxy_set_header 'N'
   $authHeader<i>`;
@@ -146,7 +147,8 @@ class IngressPath:
 
 @dataclass(frozen=True)
 class Controller:
-    """One Ingress's annotations (prefix removed) and the controller's settings."""
+    """One Ingress's annotations (prefix removed), the controller's settings, and the
+    headers of the ConfigMap `auth-proxy-set-headers` names."""
 
     namespace: str
     name: str
@@ -154,6 +156,7 @@ class Controller:
     paths: tuple[IngressPath, ...]
     annotations: Mapping[str, str]
     config: Mapping[str, str]
+    auth_headers: Mapping[str, str]
 
     @property
     def keepalive(self) -> bool:
@@ -175,7 +178,8 @@ def load(
     """The controller's view of the overlay's Ingress. `annotations` adds or (None)
     removes annotations, `config` overrides ConfigMap keys; `configmap` names the overlay
     whose controller-configmap.yaml applies ("": this overlay's, None: the defaults)."""
-    (ing,) = [o for o in kustomize(overlay) if o["kind"] == "Ingress"]
+    objects = kustomize(overlay)
+    (ing,) = [o for o in objects if o["kind"] == "Ingress"]
     found = {
         k[len(ANNOTATION) :]: str(v)
         for k, v in ing["metadata"].get("annotations", {}).items()
@@ -207,7 +211,21 @@ def load(
         for p in rule["http"]["paths"]
     )
     meta = ing["metadata"]
-    return Controller(meta["namespace"], meta["name"], rule["host"], paths, found, settings)
+    auth_headers: dict[str, str] = {}
+    named = found.get("auth-proxy-set-headers")
+    if named:
+        namespace, _, name = named.rpartition("/")
+        (cm,) = [
+            o
+            for o in objects
+            if o["kind"] == "ConfigMap"
+            and o["metadata"]["name"] == name
+            and o["metadata"]["namespace"] == (namespace or meta["namespace"])
+        ]
+        auth_headers = {str(k): str(v) for k, v in cm.get("data", {}).items()}
+    return Controller(
+        meta["namespace"], meta["name"], rule["host"], paths, found, settings, auth_headers
+    )
 
 
 @dataclass(frozen=True)
@@ -287,6 +305,7 @@ def _auth_location(ctl: Controller, loc: _Location, auth_url: str, upstream: str
         "    proxy_pass_request_headers on;",
         "    client_max_body_size 1m;",
     ]
+    lines += sorted(f'    proxy_set_header "{k}" "{v}";' for k, v in ctl.auth_headers.items())
     if ctl.snippet("auth-snippet"):
         lines.append(_indent(ctl.snippet("auth-snippet"), 4))
     path = url.path or "/"
