@@ -152,8 +152,8 @@ def test_bad_tokens_cost_no_redis_commands(
     cli_env: dict[str, str], valkey_client: redis.Redis
 ) -> None:
     """Malformed tokens (random strings, a wrong checksum, a foreign prefix, two sources that
-    disagree) never reach Redis; one well-formed unknown token costs one GET per negative
-    cache TTL however often it is sent."""
+    disagree) never reach Redis; one well-formed unknown token costs at most one GET per
+    negative cache TTL however often it is sent (none once the issued set is loaded)."""
     ag = start_authgate({**cli_env, "AUTHGATE_NEGATIVE_CACHE_TTL": "60s"})
     good, _ = Store(cli_env).create()
     wrong_checksum = good[:-1] + ("A" if good[-1] != "A" else "B")
@@ -179,7 +179,7 @@ def test_bad_tokens_cost_no_redis_commands(
             before = calls(valkey_client)
             for _ in range(200):
                 assert ask(ag, unknown, client) == 404
-            assert since(valkey_client, before, "get") == 1
+            assert since(valkey_client, before, "get") <= 1  # none once the issued set is loaded
     finally:
         ag.stop()
 

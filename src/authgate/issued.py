@@ -8,12 +8,17 @@ HMAC, as a sorted `array('Q')` (8 bytes per token) plus a small set of recent ad
 token look issued with odds of about n / 2**64: with a million tokens, one in 10**13.
 
 Kept current like the cache, by the invalidation channel (`invalidation.Invalidator`):
-create and rotate publish the new token's hash, which `add` records. The set is loaded
-(SCAN over `{kp}:th:*`, on every Cluster primary) each time the subscription is confirmed,
-so every hash published while the SCAN runs arrives on the channel too. Whenever
-invalidations may have been lost (the subscription dropped, a "*" message), or until the
-first load completes, `may_hold` answers True for everything: the lookup then asks Redis,
-exactly as without this set. It never says "not issued" of a token that was.
+create and rotate publish the new token's hash before they write its record, and `add`
+records every hash heard. The set is loaded (SCAN over `{kp}:th:*`, on every Cluster
+primary) each time the subscription is confirmed, so every hash published while the SCAN
+runs arrives on the channel too. Whenever invalidations may have been lost (the
+subscription dropped, a "*" message), or until the first load completes, `may_hold`
+answers True for everything: the lookup then asks Redis, exactly as without this set.
+
+A "not issued" answer is acted on only while the channel is `quiet` (nothing received
+waits to be applied); otherwise the lookup lets the invalidation task run first (`settle`)
+and asks again, and asks Redis if still in doubt. A token's announcement leaves Redis
+before the token exists, so by the time anyone can present it, it has reached this host.
 
 Entries of deleted tokens stay until the next load; they cost a GET, as before.
 """
