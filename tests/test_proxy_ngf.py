@@ -34,11 +34,12 @@ from typing import Any
 
 import pytest
 import redis
+import yaml
 
 from tests.conftest import ROOT, Valkey, base_env, free_port, start_authgate
 from tests.echo_upstream import EchoUpstream
-from tests.ingress_nginx_harness import kustomize
-from tests.nginx_harness import Nginx, Rendered, nginx_binary
+from tests.ingress_nginx_harness import K8S, kustomize
+from tests.nginx_harness import Nginx, Rendered, Reply, nginx_binary
 from tests.test_nginx_gateway import (
     ALLOWED,
     DENIED,
@@ -56,6 +57,7 @@ from tests.test_proxy_ingress_nginx import (
     FOLDED,
     Stack,
     make_tokens,
+    raw_refused,
     stop_all,
 )
 
@@ -85,6 +87,25 @@ class Route:
     removed_headers: tuple[str, ...]
     backend: str
     logging: dict[str, Any]
+    snippets: dict[str, str]  # SnippetsFilter context -> value
+
+
+def with_snippets(work: Path) -> str:
+    """A kustomization that adds snippets/ to the overlay as its README says; returns its
+    directory for `load`."""
+    work.mkdir(parents=True, exist_ok=True)
+    base = os.path.relpath(K8S / OVERLAY, work)  # kustomize wants relative paths
+    spec = {
+        "resources": [base, f"{base}/snippets/snippetsfilter.yaml"],
+        "patches": [
+            {
+                "target": {"kind": "HTTPRoute", "name": "example-api"},
+                "path": f"{base}/snippets/httproute-patch.yaml",
+            }
+        ],
+    }
+    (work / "kustomization.yaml").write_text(yaml.safe_dump(spec))
+    return str(work)
 
 
 def load(overlay: str = OVERLAY, *, logging: bool = True) -> Route:
@@ -100,6 +121,15 @@ def load(overlay: str = OVERLAY, *, logging: bool = True) -> Route:
     modifier = filters.get("RequestHeaderModifier", {}).get("requestHeaderModifier", {})
     (backend,) = rule["backendRefs"]
     proxies = [o for o in objects if o["kind"] == "NginxProxy"]
+    snippets: dict[str, str] = {}
+    if "ExtensionRef" in filters:
+        ref_name = filters["ExtensionRef"]["extensionRef"]["name"]
+        (sf,) = [
+            o
+            for o in objects
+            if o["kind"] == "SnippetsFilter" and o["metadata"]["name"] == ref_name
+        ]
+        snippets = {sn["context"]: sn["value"] for sn in sf["spec"]["snippets"]}
     return Route(
         namespace=ns,
         name=route["metadata"]["name"],
@@ -112,12 +142,13 @@ def load(overlay: str = OVERLAY, *, logging: bool = True) -> Route:
         removed_headers=tuple(modifier.get("remove", [])),
         backend=f"{ns}_{backend['name']}_{backend['port']}",
         logging=proxies[0]["spec"].get("logging", {}) if proxies and logging else {},
+        snippets=snippets,
     )
 
 
 def render(route: Route, prefix: Path, *, authgate: str, upstream: str, port: int) -> Rendered:
     """Write `prefix/conf/nginx.conf` as NGF would for `route`."""
-    for sub in ("conf", "logs", "tmp"):
+    for sub in ("conf", "logs", "tmp", "html"):
         (prefix / sub).mkdir(parents=True, exist_ok=True)
     internal = f"/_ngf-internal-ext-auth-{route.namespace}_{route.name}_rule0"
     level = route.logging.get("errorLevel", NGF_DEFAULT_ERROR_LEVEL)
@@ -131,7 +162,10 @@ def render(route: Route, prefix: Path, *, authgate: str, upstream: str, port: in
         ]
     else:
         log_lines = ["access_log logs/access.log combined;"]  # nginx's default
-    protected = [f"auth_request {internal};"]
+    # A SnippetsFilter's location snippet is included first in the location, its server
+    # snippet after server_name.
+    protected = route.snippets.get("http.server.location", "").splitlines()
+    protected.append(f"auth_request {internal};")
     for h in route.allowed_response_headers:
         protected += [
             f"auth_request_set $ext_auth_response_{_var(h)} $upstream_http_{_var(h)};",
@@ -183,6 +217,7 @@ def render(route: Route, prefix: Path, *, authgate: str, upstream: str, port: in
             "    uwsgi_temp_path tmp/uwsgi;",
             "    scgi_temp_path tmp/scgi;",
             "    default_type application/octet-stream;",
+            "    root html;",
             "    proxy_http_version 1.1;",
             "    map $http_host $gw_api_compliant_host {",
             "        '' $host;",
@@ -202,6 +237,7 @@ def render(route: Route, prefix: Path, *, authgate: str, upstream: str, port: in
             "    server {",
             f"        listen 127.0.0.1:{port};",
             f"        server_name {route.hostname};",
+            *[f"        {ln}" for ln in route.snippets.get("http.server", "").splitlines()],
             block(f"location {slash}", protected),
             block(f"location = {route.prefix.rstrip('/')}", protected),
             block(f"location {internal}", auth),
@@ -236,15 +272,21 @@ def stack(valkey: Valkey, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         started.append(no_redis)
         tokens = make_tokens(env)
         st = Stack(echo, tokens)
-        neighbours = {
-            "ngf": f"127.0.0.1:{authgate.port}",
-            "ngf_redis_down": f"127.0.0.1:{no_redis.port}",
-            "ngf_authgate_down": f"127.0.0.1:{free_port()}",
-            "defaults": f"127.0.0.1:{authgate.port}",
+        plain, snippets = load(), load(with_snippets(work / "kustomization"))
+        down = f"127.0.0.1:{free_port()}"  # nothing listens there
+        instances = {
+            "ngf": (plain, f"127.0.0.1:{authgate.port}"),
+            "ngf_redis_down": (plain, f"127.0.0.1:{no_redis.port}"),
+            "ngf_authgate_down": (plain, down),
+            "defaults": (load(logging=False), f"127.0.0.1:{authgate.port}"),
+            "ngf_snippets": (snippets, f"127.0.0.1:{authgate.port}"),
+            "ngf_snippets_redis_down": (snippets, f"127.0.0.1:{no_redis.port}"),
+            "ngf_snippets_authgate_down": (snippets, down),
+            "ngf_snippets_impostor": (snippets, echo.address),  # 200 without X-Authgate-Uri
         }
-        for name, address in neighbours.items():
+        for name, (route, address) in instances.items():
             rendered = render(
-                load(logging=name != "defaults"),
+                route,
                 work / name,
                 authgate=address,
                 upstream=echo.address,
@@ -271,6 +313,8 @@ def test_denials_are_nginx_401_or_403_pages(
         wait_until_expired(stack)  # type: ignore[arg-type]
     stack.echo.clear()
     reply = stack.send("ngf", call)
+    if raw_refused(call):
+        status = 400
     expected = 500 if call.via == "authgate_down" else FOLDED[status]
     assert reply.status == expected, reply.text()
     assert reply.header("Content-Type") == "text/html"
@@ -346,18 +390,92 @@ def test_client_cannot_choose_path_method_or_address(
     assert stack.echo.received == []
 
 
-@pytest.mark.xfail(
-    reason="authgate does not yet refuse a raw Path header that is not in normal form",
-    strict=True,
-)
 @pytest.mark.parametrize("path", DISGUISED)
-def test_judged_path_is_the_forwarded_path_or_refused(stack: Stack, path: str) -> None:
-    """NGF forwards the client's raw path, so authgate must refuse a raw `Path` that is
-    not in the normal form it judged: the client gets 403 and the upstream nothing."""
+def test_a_raw_path_not_in_normal_form_is_refused(stack: Stack, path: str) -> None:
+    """NGF forwards the client's raw path, so authgate refuses a raw `Path` that is not in
+    the normal form it judged: the client gets nginx's 403 (a folded 400) and the upstream
+    nothing."""
     stack.echo.clear()
     reply = stack.send("ngf", both("ro", path))
-    targets = [r["target"].split("?")[0] for r in stack.echo.received]
-    assert reply.status != 200 or targets == [SCOPED], f"forwarded as {targets}"
+    assert (reply.status, stack.echo.received) == (403, [])
+
+
+# -- the optional SnippetsFilter (snippets/) ---------------------------------------------------
+
+
+def error_of(reply: Reply) -> dict[str, Any]:
+    assert reply.header("Content-Type") == "application/json", reply.text()
+    error: dict[str, Any] = json.loads(reply.body)["error"]
+    assert set(error) == {"code", "message", "details"}
+    return error
+
+
+@pytest.mark.parametrize(("call", "status", "code"), DENIED)
+def test_snippets_give_every_denial_its_status_and_json_body(
+    stack: Stack, call: Call, status: int, code: str
+) -> None:
+    """With the SnippetsFilter every decision-table denial (authgate stopped included)
+    reaches the client with the table's status and authgate's JSON error, and nothing
+    reaches the upstream."""
+    if call.header == "expiring":
+        wait_until_expired(stack)  # type: ignore[arg-type]
+    stack.echo.clear()
+    reply = stack.send("ngf_snippets", call)
+    if raw_refused(call):  # NGF's Path header carries the raw path
+        status, code = 400, "BAD_REQUEST"
+    assert reply.status == status, reply.text()
+    assert error_of(reply)["code"] == code
+    assert reply.header("Cache-Control") == "no-store"
+    assert stack.echo.received == []
+
+
+@pytest.mark.parametrize("call", ALLOWED)
+def test_snippets_proxy_an_allowed_request_once_with_the_authorised_uri(
+    stack: Stack, call: Call
+) -> None:
+    """With the SnippetsFilter an allowed request reaches the upstream once, with the
+    client's method and the URI authgate authorised: no pwt."""
+    stack.echo.clear()
+    reply = stack.send("ngf_snippets", call)
+    assert reply.status == 200, reply.text()
+    expected = call.path + (f"?{call.query}" if call.query else "")
+    assert [(r["method"], r["target"]) for r in stack.echo.received] == [(call.method, expected)]
+
+
+@pytest.mark.parametrize("path", DISGUISED)
+def test_snippets_forward_the_judged_path_or_refuse(stack: Stack, path: str) -> None:
+    """With the SnippetsFilter the upstream receives the normalised path authgate judged,
+    or the request is refused with 400 and reaches no upstream."""
+    stack.echo.clear()
+    reply = stack.send("ngf_snippets", both("ro", path))
+    targets = [r["target"] for r in stack.echo.received]
+    if reply.status == 200:
+        assert targets == [SCOPED]
+    else:
+        assert (reply.status, error_of(reply)["code"], targets) == (400, "BAD_REQUEST", [])
+
+
+def test_snippets_upstream_gets_identity_and_no_token_or_acted_on_header(stack: Stack) -> None:
+    """Through @authgate_upstream the identity is the decision's, and neither the token
+    header nor a method-override or original-URL header reaches the upstream."""
+    stack.echo.clear()
+    reply = stack.send("ngf_snippets", both("ro"), headers=[*SPOOFED, *ACTED_ON[:3]])
+    assert reply.status == 200, reply.text()
+    (record,) = stack.echo.received
+    assert header_values(record, "X-Org-Id") == ["acme"]
+    assert header_values(record, "X-User-Roles") == ["viewer"]
+    assert header_values(record, "X-Token-Id") == [stack.tokens["ro"]["id"]]
+    for name in ("X-Space-Id", "X-Power-Token", *[h for h, _ in ACTED_ON[:3]]):
+        assert header_values(record, name) == [], name
+
+
+def test_snippets_answer_503_json_to_an_answer_without_the_authorised_uri(stack: Stack) -> None:
+    """A 200 from the auth service without X-Authgate-Uri is no usable decision: 503
+    UNAVAILABLE with the JSON body, and the API gets nothing."""
+    stack.echo.clear()
+    reply = stack.send("ngf_snippets", both("ro", via="impostor"))
+    assert (reply.status, error_of(reply)["code"]) == (503, "UNAVAILABLE"), reply.text()
+    assert [r for r in stack.echo.received if r["target"].startswith("/minimal/")] == []
 
 
 def test_shipped_logging_keeps_tokens_out_of_every_log(stack: Stack) -> None:
@@ -368,7 +486,7 @@ def test_shipped_logging_keeps_tokens_out_of_every_log(stack: Stack) -> None:
     assert stack.send("defaults", both("ro")).status == 200
     stop_all(list(stack.nginx.values()))
     assert stack.value("ro") in stack.nginx["defaults"].rendered.logs()
-    for name in ("ngf", "ngf_redis_down", "ngf_authgate_down"):
+    for name in [n for n in stack.nginx if n != "defaults"]:
         text = stack.nginx[name].rendered.logs()
         assert "pwt=" not in text, name
         for secret in stack.secrets():
