@@ -103,9 +103,9 @@ class Authorizer:
         key = self._hash(token)
         now = time.monotonic()
         state, entry = self.cache.get(key, now)
-        if state == "miss" and self.issued is not None and not self.issued.may_hold(key):
+        if state == "miss" and self.issued is not None and self._never_issued(token, key):
             await self.issued.settle()
-            if not self.issued.may_hold(key) and self.issued.quiet():
+            if self._never_issued(token, key) and self.issued.quiet():
                 self._cache_counts["unissued"] += 1
                 return None  # never issued: no Redis read
         self._cache_counts[state] += 1
@@ -126,6 +126,14 @@ class Authorizer:
             self.metrics.unavailable(loaded.reason)
             return deny("UNAVAILABLE", 12)
         return loaded
+
+    def _never_issued(self, token: str, key: bytes) -> bool:
+        """Whether the issued set rules this token out: its hash was never issued, nor,
+        while the pepper is being rotated, its hash under the previous pepper."""
+        issued = self.issued
+        if issued is None or issued.may_hold(key):
+            return False
+        return self.previous is None or not issued.may_hold(self.previous.digest(token))
 
     async def _load(self, key: bytes) -> Entry | BackendUnavailable | None:
         """The token's record, from the next batched read: the misses of one event-loop
@@ -250,7 +258,7 @@ class Authorizer:
             if self.cache.known_unknown(key, now):
                 self._cache_counts["negative"] += 1
                 return deny("TOKEN_INVALID", 5)
-            if self.issued is not None and not self.issued.may_hold(key):
+            if self.issued is not None and self._never_issued(token, key):
                 if self.issued.quiet():  # a forged token: no Redis read
                     self._cache_counts["unissued"] += 1
                     return deny("TOKEN_INVALID", 5)

@@ -174,6 +174,10 @@ class PreviousPepper:
     def of(cls, settings: Settings, store: Any) -> PreviousPepper | None:
         return None if settings.pepper_previous is None else cls(settings, store)
 
+    def digest(self, token: str) -> bytes:
+        """The token's hash under the previous pepper."""
+        return self._hash(token)
+
     async def record(self, token: str, key: bytes) -> Any:
         """The stored record of `token` under the old hash (None if not there), moved to
         the new hash `key` once `pepper rekey` has begun."""
@@ -216,6 +220,7 @@ class PreviousPepper:
         token_id = orjson.loads(raw)["id"]
         async with mapped_errors():
             await store.redis.set(store._th + new, raw, nx=True)
+            await store.redis.publish(store.channel, new)  # every issued set learns it
             await store.redis.set(store._ti + token_id, new)
             last = await store.redis.getdel(store._th + old)
             if last is not None and last != raw:
