@@ -55,13 +55,15 @@ MAX_CONNECTIONS = 256
 # a slow Redis makes misses wait their turn, it cannot exhaust the pool.
 LOOKUP_CONNECTIONS = 32
 
-# A deadline that fires this much later than it was due means the worker itself did not
-# run for that long (descheduled on a busy machine, paused, a long callback): whatever
-# Redis sent meanwhile is unread in the socket, so the wait is not Redis's silence.
+# A lookup's deadline fires in a loop turn that runs timers before it reads sockets
+# (uvloop), so a reply that came in at the last moment, or while the worker itself was not
+# running (descheduled on a busy machine, paused, a long callback), is still unread: the
+# deadline gives the worker GRACE to read it, and again while its timer fires more than
+# STALL late (the worker was away again), at most GRACES times in all. Only a deadline
+# whose grace ran out on time says that Redis really was silent.
+GRACE = 0.05
 STALL = 0.01
-# Fresh deadlines a lookup gets for the worker's stalls; then its silence counts anyway,
-# so an overloaded worker still gives up on a dead Redis (after at most 4 timeouts).
-STALL_RESTARTS = 3
+GRACES = 3
 
 # How often a Sentinel client asks the sentinels where the master is (see watch_topology).
 SENTINEL_POLL = 0.25
@@ -103,10 +105,10 @@ async def lookup_deadline(seconds: float) -> AsyncIterator[None]:
     `seconds` of this worker's running time.
 
     A plain timeout counts wall time: after a stall of the worker longer than `seconds`,
-    the timer and Redis's long-arrived reply are both due, and uvloop runs timers before
-    it reads sockets, so a healthy Redis is blamed for the worker's own absence. Here a
-    deadline that fires late by more than STALL starts over (at most STALL_RESTARTS
-    times); one that fires on time means Redis really was silent for `seconds`.
+    the timer and Redis's long-arrived reply are both due, the timer runs first, and a
+    healthy Redis is blamed for the worker's own absence. Here the worker first gets the
+    chance to read what arrived (see GRACE), so a timeout means Redis was silent for
+    `seconds` of the worker's time (plus at most GRACES x GRACE).
     """
     try:
         async with asyncio.timeout(None) as timer:
@@ -120,24 +122,23 @@ async def lookup_deadline(seconds: float) -> AsyncIterator[None]:
 
 
 class _Patience:
-    """The timer of one `lookup_deadline`: expires `timer` once `seconds` pass on time."""
+    """The timer of one `lookup_deadline`: expires `timer` once a grace ends on time."""
 
-    __slots__ = ("due", "handle", "loop", "restarts", "seconds", "timer")
+    __slots__ = ("due", "graces", "handle", "loop", "timer")
 
     def __init__(self, timer: asyncio.Timeout, seconds: float) -> None:
         self.loop = asyncio.get_running_loop()
         self.timer = timer
-        self.seconds = seconds
-        self.restarts = 0
+        self.graces = 0
         self.due = time.monotonic() + seconds
         self.handle = self.loop.call_later(seconds, self.expire)
 
     def expire(self) -> None:
         now = time.monotonic()
-        if now - self.due > STALL and self.restarts < STALL_RESTARTS:
-            self.restarts += 1
-            self.due = now + self.seconds
-            self.handle = self.loop.call_later(self.seconds, self.expire)
+        if self.graces < GRACES and (self.graces == 0 or now - self.due > STALL):
+            self.graces += 1
+            self.due = now + GRACE
+            self.handle = self.loop.call_later(GRACE, self.expire)
         else:
             self.timer.reschedule(self.loop.time())
 
