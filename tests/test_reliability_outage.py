@@ -17,6 +17,9 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MaxConnectionsError, RedisClusterException, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tests.cluster_harness import (
     TOKEN_PATTERN,
@@ -486,6 +489,29 @@ def test_a_slow_redis_makes_misses_wait_not_fail(node: ValkeyNode) -> None:
     assert peak <= LOOKUP_CONNECTIONS + 3, f"{peak} connections for lookups"
 
 
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        pytest.param(lambda: MaxConnectionsError("Too many connections"), "pool", id="pool-full"),
+        pytest.param(lambda: RedisConnectionError("Too many connections"), "pool", id="pool-5"),
+        pytest.param(lambda: RedisConnectionError("No connection available."), "pool", id="wait"),
+        pytest.param(lambda: RedisTimeoutError("Timeout reading"), "timeout", id="read-timeout"),
+        pytest.param(lambda: TimeoutError(), "timeout", id="asyncio-timeout"),
+        pytest.param(lambda: ConnectionRefusedError(111, "refused"), "connection", id="refused"),
+        pytest.param(lambda: RedisConnectionError("Connection closed by server."), "connection"),
+        pytest.param(lambda: RedisClusterException("no node"), "connection", id="cluster"),
+        pytest.param(lambda: ResponseError("LOADING Redis is loading"), "error", id="loading"),
+    ],
+)
+def test_each_redis_failure_has_its_reason(error: Callable[[], Exception], reason: str) -> None:
+    """The redis-py and OS errors a lookup can end in map to the metric's reason labels."""
+    from authgate.backend import reason_of
+    from authgate.errors import UNAVAILABLE_REASONS
+
+    assert reason_of(error()) == reason
+    assert reason in UNAVAILABLE_REASONS
+
+
 def _unused_port() -> int:
     from tests.cluster_harness import free_port
 
@@ -498,6 +524,7 @@ def _unused_port() -> int:
         pytest.param("connection", id="redis-refuses-connections"),
         pytest.param("timeout", id="redis-never-answers"),
         pytest.param("malformed", id="record-not-readable"),
+        pytest.param("error", id="redis-answers-an-error"),
     ],
 )
 def test_lookups_ending_in_503_are_counted_by_reason_across_workers(
@@ -518,7 +545,11 @@ def test_lookups_ending_in_503_are_counted_by_reason_across_workers(
         url = node.url
         with node.client() as c:
             for token in strangers:
-                c.set(f"authgate:th:{hash_token(PEPPER.encode(), token)}", b"{not json")
+                key = f"authgate:th:{hash_token(PEPPER.encode(), token)}"
+                if reason == "malformed":
+                    c.set(key, b"{not json")
+                else:  # GET on a list: Redis answers WRONGTYPE
+                    c.rpush(key, b"x")
     ag = start_authgate(base_env(url, AUTHGATE_WORKERS="2"), workers=2, wait_ready=False)
     try:
 
@@ -544,7 +575,7 @@ def test_lookups_ending_in_503_are_counted_by_reason_across_workers(
     finally:
         ag.stop()
         hole.close()
-        if reason == "malformed":
+        if reason in ("malformed", "error"):
             with node.client() as c:
                 c.flushall()
     assert "Traceback" not in ag.log()

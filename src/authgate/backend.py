@@ -11,9 +11,11 @@ and turn a dead Redis into seconds of waiting per request), and a bounded number
 connections, so a Redis that stops answering cannot pile up sockets either. What to do
 about a failure is decided above this module: serve from the cache, or answer 503.
 
-Lookups on the decision path have a client of their own (`connect_lookups`) and a deadline
-of their own (`lookup_deadline`): it counts only the time this worker was running, so a
-worker that was descheduled or paused while Redis answered does not blame Redis for it.
+Lookups on the decision path differ in three ways (`connect_lookups`, `lookup_call`): a
+client of their own with at most LOOKUP_CONNECTIONS connections; a deadline that counts
+the worker's running time, not wall time, so a worker that was descheduled or paused while
+Redis answered does not blame Redis for it; and a second attempt when the first failed on
+a connection Redis had closed, which fails at once too when Redis is really gone.
 """
 
 from __future__ import annotations
@@ -29,13 +31,12 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
-from redis import exceptions as redis_exceptions
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import MaxConnectionsError, RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import BackendUnavailable, ConfigError
@@ -55,12 +56,12 @@ MAX_CONNECTIONS = 256
 # a slow Redis makes misses wait their turn, it cannot exhaust the pool.
 LOOKUP_CONNECTIONS = 32
 
-# A lookup's deadline fires in a loop turn that runs timers before it reads sockets
-# (uvloop), so a reply that came in at the last moment, or while the worker itself was not
-# running (descheduled on a busy machine, paused, a long callback), is still unread: the
-# deadline gives the worker GRACE to read it, and again while its timer fires more than
-# STALL late (the worker was away again), at most GRACES times in all. Only a deadline
-# whose grace ran out on time says that Redis really was silent.
+# When a lookup's deadline fires, a reply that came in at the last moment, or while the
+# worker itself was not running (descheduled on a busy machine, paused, a long callback),
+# may sit unread, or read but not yet handed to the waiting task, which resumes only after
+# the timer's callback: the deadline gives the worker GRACE to finish with it, and again
+# while its timer fires more than STALL late (the worker was away again), at most GRACES
+# times in all. Only a deadline whose grace ran out on time says Redis was silent.
 GRACE = 0.05
 STALL = 0.01
 GRACES = 3
@@ -68,18 +69,15 @@ GRACES = 3
 # How often a Sentinel client asks the sentinels where the master is (see watch_topology).
 SENTINEL_POLL = 0.25
 
-# redis-py 5 reports a full pool as a plain ConnectionError with one of these messages.
+# Older redis-py pools report a full pool as a plain ConnectionError with one of these.
 _POOL_FULL = ("Too many connections", "No connection available")
-_MaxConnections: type[BaseException] = getattr(
-    redis_exceptions, "MaxConnectionsError", RedisClusterException
-)
 
 T = TypeVar("T")
 
 
 def reason_of(exc: BaseException) -> str:
     """Which of UNAVAILABLE_REASONS a foreign error stands for."""
-    if isinstance(exc, _MaxConnections) or (
+    if isinstance(exc, MaxConnectionsError) or (
         isinstance(exc, RedisConnectionError) and str(exc).startswith(_POOL_FULL)
     ):
         return "pool"
@@ -105,10 +103,11 @@ async def lookup_deadline(seconds: float) -> AsyncIterator[None]:
     `seconds` of this worker's running time.
 
     A plain timeout counts wall time: after a stall of the worker longer than `seconds`,
-    the timer and Redis's long-arrived reply are both due, the timer runs first, and a
-    healthy Redis is blamed for the worker's own absence. Here the worker first gets the
-    chance to read what arrived (see GRACE), so a timeout means Redis was silent for
-    `seconds` of the worker's time (plus at most GRACES x GRACE).
+    the timer and Redis's long-arrived reply are both due, the timer's callback cancels the
+    lookup before the task that would read the reply resumes, and a healthy Redis is
+    blamed for the worker's own absence. Here the worker first gets the chance to read
+    what arrived (see GRACE), so a timeout means Redis was silent for `seconds` of the
+    worker's time (plus at most GRACES x GRACE).
     """
     try:
         async with asyncio.timeout(None) as timer:
