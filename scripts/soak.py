@@ -201,6 +201,13 @@ while True:
 """
 
 
+def steal_ms() -> int:
+    """CPU time the hypervisor took from this machine's vCPUs so far (/proc/stat), in ms:
+    while it does, whatever ran there (Valkey too) is frozen."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[8]) * 1000 // os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0
+
+
 def first_in_line(pid: int) -> bool:
     """Give `pid` the CPU before other work (VALKEY_NICE), when this user may."""
     if not VALKEY_NICE or os.geteuid() != 0:
@@ -257,13 +264,13 @@ async def soak() -> int:
             asyncio.ensure_future(churn.run(stop)),
         ]
         started = time.monotonic()
-        last_total, last_at = 0, started
+        last_total, last_at, last_steal = 0, started, steal_ms()
         print(f"soak: {SECONDS:.0f} s at {RATE:.0f} req/s, {WORKERS} worker(s), ", end="")
         print(f"Valkey appendfsync {APPENDFSYNC}, nice {VALKEY_NICE if reniced else 0}, ", end="")
         print(f"warm-up {WARMUP:.0f} s")
         print(
             f"{'t (s)':>7} {'req/s':>7} {'RSS MiB':>8} {'fds':>5} {'redis':>5} "
-            f"{'valkey MiB':>10} {'wrong':>5}"
+            f"{'valkey MiB':>10} {'steal ms':>8} {'wrong':>5}"
         )
         while time.monotonic() - started < SECONDS:
             await asyncio.sleep(SAMPLE_EVERY)
@@ -272,6 +279,7 @@ async def soak() -> int:
             rss = sum(each)
             info = await client.info("memory")
             redis_conns = await authgate_connections(client)
+            stolen, last_steal = steal_ms() - last_steal, steal_ms()
             row = {
                 "t": round(now - started, 1),
                 "rps": round((load.total - last_total) / (now - last_at)),
@@ -280,13 +288,14 @@ async def soak() -> int:
                 "fds": fds,
                 "redis_connections": redis_conns,
                 "valkey_kib": int(info["used_memory"]) // 1024,
+                "steal_ms": stolen,
                 "wrong": load.wrong_count,
             }
             last_total, last_at = load.total, now
             rows.append(row)
             print(
                 f"{row['t']:>7.0f} {row['rps']:>7} {rss / 1024:>8.1f} {fds:>5} {redis_conns:>5} "
-                f"{row['valkey_kib'] / 1024:>10.1f} {row['wrong']:>5}",
+                f"{row['valkey_kib'] / 1024:>10.1f} {stolen:>8} {row['wrong']:>5}",
                 flush=True,
             )
         stop.set()
