@@ -72,7 +72,7 @@ def test_metrics_count_decisions_by_status_and_code(
     assert metric(text, "authgate_decision_seconds_count") == 5
     assert metric(text, "authgate_cache_total", result="fresh") >= 2
     labels = set(re.findall(r'(\w+)="', text))
-    assert labels <= {"status", "code", "result", "kind", "le", "version"}, labels
+    assert labels <= {"status", "code", "result", "kind", "reason", "le", "version"}, labels
     assert token not in text and "tok_" not in text
 
 

@@ -11,9 +11,11 @@ and turn a dead Redis into seconds of waiting per request), and a bounded number
 connections, so a Redis that stops answering cannot pile up sockets either. What to do
 about a failure is decided above this module: serve from the cache, or answer 503.
 
-Lookups on the decision path have a client of their own (`connect_lookups`) and a deadline
-of their own (`lookup_deadline`): it counts only the time this worker was running, so a
-worker that was descheduled or paused while Redis answered does not blame Redis for it.
+Lookups on the decision path differ in three ways (`connect_lookups`, `lookup_call`): a
+client of their own with at most LOOKUP_CONNECTIONS connections; a deadline that counts
+the worker's running time, not wall time, so a worker that was descheduled or paused while
+Redis answered does not blame Redis for it; and a second attempt when the first failed on
+a connection Redis had closed, which fails at once too when Redis is really gone.
 """
 
 from __future__ import annotations
@@ -29,13 +31,12 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
-from redis import exceptions as redis_exceptions
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import MaxConnectionsError, RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import BackendUnavailable, ConfigError
@@ -55,29 +56,28 @@ MAX_CONNECTIONS = 256
 # a slow Redis makes misses wait their turn, it cannot exhaust the pool.
 LOOKUP_CONNECTIONS = 32
 
-# A deadline that fires this much later than it was due means the worker itself did not
-# run for that long (descheduled on a busy machine, paused, a long callback): whatever
-# Redis sent meanwhile is unread in the socket, so the wait is not Redis's silence.
+# When a lookup's deadline fires, a reply that came in at the last moment, or while the
+# worker itself was not running (descheduled on a busy machine, paused, a long callback),
+# may sit unread, or read but not yet handed to the waiting task, which resumes only after
+# the timer's callback: the deadline gives the worker GRACE to finish with it, and again
+# while its timer fires more than STALL late (the worker was away again), at most GRACES
+# times in all. Only a deadline whose grace ran out on time says Redis was silent.
+GRACE = 0.05
 STALL = 0.01
-# Fresh deadlines a lookup gets for the worker's stalls; then its silence counts anyway,
-# so an overloaded worker still gives up on a dead Redis (after at most 4 timeouts).
-STALL_RESTARTS = 3
+GRACES = 3
 
 # How often a Sentinel client asks the sentinels where the master is (see watch_topology).
 SENTINEL_POLL = 0.25
 
-# redis-py 5 reports a full pool as a plain ConnectionError with one of these messages.
+# Older redis-py pools report a full pool as a plain ConnectionError with one of these.
 _POOL_FULL = ("Too many connections", "No connection available")
-_MaxConnections: type[BaseException] = getattr(
-    redis_exceptions, "MaxConnectionsError", RedisClusterException
-)
 
 T = TypeVar("T")
 
 
 def reason_of(exc: BaseException) -> str:
     """Which of UNAVAILABLE_REASONS a foreign error stands for."""
-    if isinstance(exc, _MaxConnections) or (
+    if isinstance(exc, MaxConnectionsError) or (
         isinstance(exc, RedisConnectionError) and str(exc).startswith(_POOL_FULL)
     ):
         return "pool"
@@ -103,10 +103,11 @@ async def lookup_deadline(seconds: float) -> AsyncIterator[None]:
     `seconds` of this worker's running time.
 
     A plain timeout counts wall time: after a stall of the worker longer than `seconds`,
-    the timer and Redis's long-arrived reply are both due, and uvloop runs timers before
-    it reads sockets, so a healthy Redis is blamed for the worker's own absence. Here a
-    deadline that fires late by more than STALL starts over (at most STALL_RESTARTS
-    times); one that fires on time means Redis really was silent for `seconds`.
+    the timer and Redis's long-arrived reply are both due, the timer's callback cancels the
+    lookup before the task that would read the reply resumes, and a healthy Redis is
+    blamed for the worker's own absence. Here the worker first gets the chance to read
+    what arrived (see GRACE), so a timeout means Redis was silent for `seconds` of the
+    worker's time (plus at most GRACES x GRACE).
     """
     try:
         async with asyncio.timeout(None) as timer:
@@ -120,24 +121,23 @@ async def lookup_deadline(seconds: float) -> AsyncIterator[None]:
 
 
 class _Patience:
-    """The timer of one `lookup_deadline`: expires `timer` once `seconds` pass on time."""
+    """The timer of one `lookup_deadline`: expires `timer` once a grace ends on time."""
 
-    __slots__ = ("due", "handle", "loop", "restarts", "seconds", "timer")
+    __slots__ = ("due", "graces", "handle", "loop", "timer")
 
     def __init__(self, timer: asyncio.Timeout, seconds: float) -> None:
         self.loop = asyncio.get_running_loop()
         self.timer = timer
-        self.seconds = seconds
-        self.restarts = 0
+        self.graces = 0
         self.due = time.monotonic() + seconds
         self.handle = self.loop.call_later(seconds, self.expire)
 
     def expire(self) -> None:
         now = time.monotonic()
-        if now - self.due > STALL and self.restarts < STALL_RESTARTS:
-            self.restarts += 1
-            self.due = now + self.seconds
-            self.handle = self.loop.call_later(self.seconds, self.expire)
+        if self.graces < GRACES and (self.graces == 0 or now - self.due > STALL):
+            self.graces += 1
+            self.due = now + GRACE
+            self.handle = self.loop.call_later(GRACE, self.expire)
         else:
             self.timer.reschedule(self.loop.time())
 
