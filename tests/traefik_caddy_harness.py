@@ -316,9 +316,13 @@ def send(
     headers: list[tuple[str, str]] | None = None,
     body: bytes | None = None,
     timeout: float = 10.0,
+    source: str | None = None,
 ) -> Reply:
-    """One request with `target` exactly as given, Host api.example.com."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    """One request with `target` exactly as given, Host api.example.com, from `source`
+    (a loopback address; default 127.0.0.1)."""
+    conn = http.client.HTTPConnection(
+        "127.0.0.1", port, timeout=timeout, source_address=(source, 0) if source else None
+    )
     try:
         conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
         conn.putheader("Host", HOST)
@@ -351,6 +355,7 @@ TOKENS: dict[str, list[str]] = {
     "ip_denied": ["--key-type", "r--", "--ip", "203.0.113.0/24"],
     "ip_private": ["--key-type", "r--", "--ip", "10.1.2.3/32"],
     "ip_ok": ["--key-type", "r--", "--ip", "127.0.0.0/8"],
+    "ip_client": ["--key-type", "r--", "--ip", "127.0.0.2/32"],
     "app": ["--key-type", "r--", "--app-id", "app-1"],
     "perm": ["--key-type", "r--", "--permissions", "read:reports"],
     "expiring": ["--key-type", "r--", "--expires-in", "1s"],
@@ -413,11 +418,17 @@ class Gateway:
         params += [f"pwt={self.value(n)}" for n in call.pwt]
         return call.path + ("?" + "&".join(params) if params else "")
 
-    def send(self, call: Call, headers: list[tuple[str, str]] | None = None) -> Reply:
+    def send(
+        self,
+        call: Call,
+        headers: list[tuple[str, str]] | None = None,
+        source: str | None = None,
+    ) -> Reply:
         sent = list(headers or [])
         if call.header:
             sent.append(("X-Power-Token", self.value(call.header)))
-        return send(self.port(call.via), self.target(call), method=call.method, headers=sent)
+        port = self.port(call.via)
+        return send(port, self.target(call), method=call.method, headers=sent, source=source)
 
 
 def _create(env: dict[str, str], name: str, args: list[str]) -> dict[str, Any]:
@@ -610,6 +621,8 @@ FOLDED_BY_UPSTREAMS = [
     pytest.param("/minimal/api/system./health", id="trailing-dot"),
 ]
 
+CLIENT = "127.0.0.2"  # a client address that is not the proxy's (127.0.0.1)
+
 TOKENISH = re.compile(r"\b(min|ak_live)_[A-Za-z0-9]{8,}")
 
 
@@ -745,19 +758,37 @@ class ProxyPromises:
             pytest.param(
                 "ip_private", [("Forwarded", "for=10.1.2.3")], id="trusted-range-forwarded"
             ),
+            pytest.param(
+                "ip_denied",
+                [("Connection", "X-Real-IP, X-Forwarded-For")],
+                id="hop-by-hop-removal",
+            ),
+            pytest.param(
+                "ip_private",
+                [("X-Real-IP", "10.1.2.3"), ("Connection", "X-Forwarded-For")],
+                id="hop-by-hop-with-real-ip",
+            ),
         ],
     )
     def test_client_cannot_choose_its_address(
         self, gateway: Gateway, token: str, spoof: list[tuple[str, str]]
     ) -> None:
-        """authgate judges the address the proxy saw (127.0.0.1, itself inside authgate's
-        trusted ranges), whatever the client claims."""
+        """authgate judges the address the proxy saw (the client's 127.0.0.2, itself inside
+        authgate's trusted ranges; not the proxy's own 127.0.0.1), whatever the client
+        claims or asks the proxy to drop."""
         gateway.echo.clear()
-        reply = gateway.send(both(token), headers=spoof)
+        reply = gateway.send(both(token), headers=spoof, source=CLIENT)
         assert reply.status == 403, reply.body
         error = reply.error()
-        assert (error["code"], error["details"]["client_ip"]) == ("IP_NOT_ALLOWED", "127.0.0.1")
+        assert (error["code"], error["details"]["client_ip"]) == ("IP_NOT_ALLOWED", CLIENT)
         assert gateway.echo.received == []
+
+    def test_allowlist_sees_the_clients_address(self, gateway: Gateway) -> None:
+        """A token allowed only for 127.0.0.2 passes from 127.0.0.2 and not from
+        127.0.0.1, the proxy's own address."""
+        assert gateway.send(both("ip_client"), source=CLIENT).status == 200
+        reply = gateway.send(both("ip_client"))
+        assert (reply.status, reply.error()["details"]["client_ip"]) == (403, "127.0.0.1")
 
     @pytest.mark.parametrize(
         ("call", "spoof", "code"),
