@@ -877,6 +877,15 @@ class ProxyPromises:
         assert (reply.status, reply.error()["code"]) == (503, "UNAVAILABLE")
         assert [r["target"] for r in gateway.echo.received] == ["/auth"]
 
+    def test_silent_authgate_is_503_within_the_timeout(self, gateway: Gateway) -> None:
+        """authgate accepting connections but never answering holds a client for the
+        shipped timeout (2 s), not the proxy's own (Traefik's forwardAuth waits 30 s)."""
+        started = time.monotonic()
+        reply = gateway.send(both("ro", via="hung"))
+        elapsed = time.monotonic() - started
+        assert (reply.status, reply.error()["code"]) == (503, "UNAVAILABLE")
+        assert 1.5 < elapsed < 10, elapsed
+
     def test_authgate_stopped_answers_503_json(self, gateway: Gateway) -> None:
         """Once authgate has served through this proxy and is then stopped, clients get 503
         with the UNAVAILABLE JSON body, never the request forwarded."""
