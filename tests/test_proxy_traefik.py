@@ -15,23 +15,25 @@ from typing import Any
 import pytest
 import yaml
 
-pytest.register_assert_rewrite("tests.traefik_caddy_harness")
+pytest.register_assert_rewrite("tests.traefik_caddy_harness", "tests.traefik_caddy_promises")
 
 from tests.conftest import Valkey  # noqa: E402
 from tests.traefik_caddy_harness import (  # noqa: E402
-    SCOPED,
     TRAEFIK_DIR,
     TRAEFIK_K8S,
-    Gateway,
-    Neighbours,
     Proxy,
-    ProxyPromises,
-    both,
     file_dynamic,
     k8s_dynamic,
-    neighbours,
     send,
     start_traefik,
+)
+from tests.traefik_caddy_promises import (  # noqa: E402
+    SCOPED,
+    Gateway,
+    Neighbours,
+    ProxyPromises,
+    both,
+    neighbours,
 )
 
 FORMS = ("k8s", "file")
