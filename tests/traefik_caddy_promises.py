@@ -544,6 +544,35 @@ class ProxyPromises:
         assert reply.header("X-Authgate-Status") is None
         assert gateway.echo.received == []
 
+    @pytest.mark.parametrize(
+        "target",
+        [
+            pytest.param(SCOPED + "/{env.HOME}", id="path"),
+            pytest.param(SCOPED + "/%7Benv.HOME%7D", id="encoded-path"),
+            pytest.param(SCOPED + "?q={env.HOME}", id="query"),
+            pytest.param(SCOPED + "?q=%7Benv.HOME%7D", id="encoded-query"),
+        ],
+    )
+    def test_placeholders_in_the_request_stay_text(self, gateway: Gateway, target: str) -> None:
+        """A proxy that rewrites the request from a template never expands placeholder
+        syntax the client wrote: the upstream gets it as text (or the request is refused)."""
+        gateway.echo.clear()
+        separator = "&" if "?" in target else "?"
+        call_target = f"{target}{separator}pwt={gateway.value('ro')}"
+        headers = [("X-Power-Token", gateway.value("ro"))]
+        reply = send(gateway.port(), call_target, headers=headers)
+        received = gateway.echo.received
+        if reply.status != 200:
+            assert (reply.status, reply.error()["code"]) == (400, "BAD_REQUEST")
+            assert received == []
+            return
+        (record,) = received
+
+        def braces(uri: str) -> str:
+            return uri.replace("%7B", "{").replace("%7D", "}")
+
+        assert braces(record["target"]) == braces(target)  # as text, however encoded
+
     def test_request_body_reaches_the_upstream(self, gateway: Gateway) -> None:
         """A POST body travels to the upstream intact."""
         gateway.echo.clear()
