@@ -153,7 +153,7 @@ class QueryReader:
             at = rest.find(_APP_MARKER, start)
         decoded = None
         if self.strict:
-            data = rest.encode("latin-1")
+            data = b"" if escaped else rest.encode("latin-1")
             if escaped or len(data.translate(None, _FOLDED)) != len(data):  # '+', ';', '.' …
                 decoded, view = _views(rest[1:])
             else:  # only letter case can spell a name otherwise: look closer if it does
