@@ -31,6 +31,9 @@ APP_MODES = ("page", "redirect", "redirect_relative", "not_found", "forbidden", 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body are separate writes: with Nagle on, a proxy's kept-alive connection
+    # waits for a delayed ACK (40 ms) before the body arrives.
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:

@@ -11,21 +11,23 @@ from collections.abc import Iterator
 
 import pytest
 
-pytest.register_assert_rewrite("tests.traefik_caddy_harness")
+pytest.register_assert_rewrite("tests.traefik_caddy_harness", "tests.traefik_caddy_promises")
 
 from tests.conftest import Valkey  # noqa: E402
 from tests.traefik_caddy_harness import (  # noqa: E402
     CADDY_DIR,
-    SCOPED,
-    Gateway,
-    Neighbours,
     Proxy,
-    ProxyPromises,
-    both,
-    neighbours,
     proxy_binary,
     send,
     start_caddy,
+)
+from tests.traefik_caddy_promises import (  # noqa: E402
+    SCOPED,
+    Gateway,
+    Neighbours,
+    ProxyPromises,
+    both,
+    neighbours,
 )
 
 

@@ -15,22 +15,25 @@ from typing import Any
 import pytest
 import yaml
 
-pytest.register_assert_rewrite("tests.traefik_caddy_harness")
+pytest.register_assert_rewrite("tests.traefik_caddy_harness", "tests.traefik_caddy_promises")
 
 from tests.conftest import Valkey  # noqa: E402
 from tests.traefik_caddy_harness import (  # noqa: E402
-    SCOPED,
     TRAEFIK_DIR,
-    Gateway,
-    Neighbours,
+    TRAEFIK_K8S,
     Proxy,
-    ProxyPromises,
-    both,
     file_dynamic,
     k8s_dynamic,
-    neighbours,
     send,
     start_traefik,
+)
+from tests.traefik_caddy_promises import (  # noqa: E402
+    SCOPED,
+    Gateway,
+    Neighbours,
+    ProxyPromises,
+    both,
+    neighbours,
 )
 
 FORMS = ("k8s", "file")
@@ -165,3 +168,26 @@ def test_plugin_removes_token_parameters_by_name(
     reply = send(traefik.ports["k8s-main"], f"/strip/x?{query}")
     assert reply.status == 200, reply.body
     assert [r["target"] for r in stack.echo.received] == ["/strip/x" + forwarded]
+
+
+def test_helm_values_set_what_the_static_configuration_sets() -> None:
+    """The overlay's Helm values load the same plugin and set the same entry point and log
+    options as deploy/traefik/traefik.yml, the static configuration the tests run."""
+    static = yaml.safe_load((TRAEFIK_DIR / "traefik.yml").read_text())
+    values = yaml.safe_load((TRAEFIK_K8S / "helm-values.yaml").read_text())
+    args = dict(a.removeprefix("--").split("=", 1) for a in values["additionalArguments"])
+    plugin = static["experimental"]["localPlugins"]["authgate"]["moduleName"]
+    assert args["experimental.localPlugins.authgate.moduleName"] == plugin
+    for entry_point in ("web", "websecure"):
+        for key, value in static["entryPoints"]["web"]["http"].items():
+            given = args[f"entryPoints.{entry_point}.http.{key}"]
+            assert given == str(value).lower(), (entry_point, key)
+    fields = static["accessLog"]["fields"]
+    assert args["accesslog.fields.queryParameters.defaultMode"] == "drop"
+    assert fields["queryParameters"]["defaultMode"] == "drop"
+    access = values["logs"]["access"]
+    assert access["enabled"] is True
+    assert access["fields"]["headers"]["defaultmode"] == fields["headers"]["defaultMode"]
+    assert values["logs"]["general"]["level"] == static["log"]["level"]
+    (mount,) = values["additionalVolumeMounts"]
+    assert mount["mountPath"] == f"/plugins-local/src/{plugin}"
