@@ -9,6 +9,7 @@ Ports (override with the variable named):
     DEVSTACK_NGINX_PORT 8000 (API gateway)    DEVSTACK_SHARE_PORT 8001 (app sharing)
     DEVSTACK_AUTHGATE_PORT 8080               DEVSTACK_METRICS_PORT 9180
     DEVSTACK_ECHO_PORT 8090                   DEVSTACK_VALKEY_PORT 6390
+    DEVSTACK_ADMIN_PORT 8081 (management API and console)
 `DEVSTACK_DIR` moves the working directory (default `.run/`);
 `AUTHGATE_TEST_NGINX=/usr/sbin/nginx` runs another nginx binary.
 """
@@ -47,6 +48,7 @@ PORTS = {
     "share": ("DEVSTACK_SHARE_PORT", 8001),
     "authgate": ("DEVSTACK_AUTHGATE_PORT", 8080),
     "metrics": ("DEVSTACK_METRICS_PORT", 9180),
+    "admin": ("DEVSTACK_ADMIN_PORT", 8081),
     "echo": ("DEVSTACK_ECHO_PORT", 8090),
     "valkey": ("DEVSTACK_VALKEY_PORT", 6390),
 }
@@ -197,6 +199,7 @@ def authgate_env(valkey_port: int) -> dict[str, str]:
         AUTHGATE_CONFIG=str(config),
         AUTHGATE_LISTEN=f"127.0.0.1:{port('authgate')}",
         AUTHGATE_METRICS_LISTEN=f"127.0.0.1:{port('metrics')}",
+        AUTHGATE_ADMIN_LISTEN=f"127.0.0.1:{port('admin')}",
         PYTHONUNBUFFERED="1",
     )
     return env
@@ -259,6 +262,13 @@ def start(stack: Stack) -> tuple[Tokens, Tokens]:
     wait_until(listening(port("echo")), "echo upstream", echo.proc)
 
     tokens = {var: create(env, f"demo-{var.lower()}", opts) for var, (_, opts) in TOKENS.items()}
+    # The environment's management token, for the management API and the console: it may
+    # hand out what the demo tokens hold.
+    tokens["MGMT_TOKEN"] = cli(
+        env, "token", "create", "--name", "demo-management", "--kind", "management",
+        "--org", "*", "--project", "*", "--key-type", "rwd", "--roles", "admin",
+        "--permissions", "read:reports",
+    )  # fmt: skip
     cli(env, "token", "revoke", str(tokens["REVOKED_TOKEN"]["id"]))
     shared = {
         app: create(env, f"share-{app}", ["--key-type", "r--", "--app-id", app])
@@ -329,6 +339,15 @@ def demo(tokens: Tokens, valkey_pid: int) -> str:
     ]
     for var, (what, _) in TOKENS.items():
         lines.append(f"export {var}={shlex.quote(str(tokens[var]['token']))}   # {what}")
+    admin = f"http://127.0.0.1:{port('admin')}"
+    lines += [
+        f"export MGMT_TOKEN={shlex.quote(str(tokens['MGMT_TOKEN']['token']))}"
+        "   # management, the whole environment",
+        "",
+        f"Console: {admin}/console/ (sign in with $MGMT_TOKEN); "
+        f"management API: {admin}/openapi.json",
+        f'curl -s -H "Authorization: Bearer $MGMT_TOKEN" "{admin}/v1/tokens?limit=3"',
+    ]
     lines += ["", "Try:"]
     lines += [
         call(

@@ -27,6 +27,7 @@ PORT_VARS = (
     "DEVSTACK_METRICS_PORT",
     "DEVSTACK_ECHO_PORT",
     "DEVSTACK_VALKEY_PORT",
+    "DEVSTACK_ADMIN_PORT",
 )
 
 
@@ -69,7 +70,8 @@ def is_listening(port: int) -> bool:
 
 def test_devstack_starts_serves_and_stops_cleanly(tmp_path: Path) -> None:
     """The stack answers the printed allowed call and the shared dashboard, refuses a
-    tokenless call, and SIGTERM stops nginx, authgate, the echo upstream and Valkey."""
+    tokenless call, serves the console and the management API to the printed management
+    token, and SIGTERM stops nginx, authgate, the echo upstream and Valkey."""
     ports = {var: free_port() for var in PORT_VARS}
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHGATE_")}
     if "AUTHGATE_TEST_NGINX" in os.environ:
@@ -94,6 +96,14 @@ def test_devstack_starts_serves_and_stops_cleanly(tmp_path: Path) -> None:
         assert allowed.status == 200
         assert request(api, path).status == 401
         assert request(ports["DEVSTACK_SHARE_PORT"], "/dashboard").status == 200
+        mgmt = re.search(r"^export MGMT_TOKEN=(\S+)", out, re.M)
+        assert mgmt, out
+        admin = ports["DEVSTACK_ADMIN_PORT"]
+        listed = request(
+            admin, "/v1/tokens?limit=3", headers=[("Authorization", f"Bearer {mgmt.group(1)}")]
+        )
+        assert listed.status == 200
+        assert request(admin, "/console/login").status == 200
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
