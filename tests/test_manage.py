@@ -8,6 +8,7 @@ where only the invalidation channel can have told it. /auth is asked as Traefik 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -624,7 +625,6 @@ def test_usage_history_memory_per_token(
     a, _ = gates
     root, _ = mint(a.env)
     made = create(a, root)
-    import asyncio
 
     async def fill() -> None:
         settings = load_settings(a.env)
@@ -650,3 +650,106 @@ def test_usage_history_memory_per_token(
         assert (client.memory_usage(keys[0]) or 0) < 1024
     finally:
         client.close()
+
+
+# -- the audit budget ------------------------------------------------------------------------
+def _in_process(redis_url: str, calls: Any, **env: str) -> Any:
+    """Run `await calls(http, metrics)` against the management app in this process, with
+    the given settings, on the real Valkey."""
+    from authgate.admin import create_admin_app
+    from authgate.backend import connect
+    from authgate.config import load_settings
+    from authgate.metrics import Metrics
+    from authgate.store import TokenStore
+
+    settings = load_settings(base_env(redis_url, **env))
+
+    async def go() -> Any:
+        client = connect(settings.redis_url, 2.0)
+        metrics = Metrics()
+        app = create_admin_app(TokenStore(client, settings), settings, metrics)
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://admin") as http:
+                return await calls(http, metrics)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+def _suppressed(metrics: Any) -> float:
+    value = metrics.registry.get_sample_value("authgate_admin_audit_suppressed_total")
+    return float(value or 0)
+
+
+BUDGET = {"AUTHGATE_ADMIN_AUDIT_BURST": "5", "AUTHGATE_ADMIN_AUDIT_RATE": "1"}
+
+
+def test_no_caller_writes_audit_events_faster_than_its_budget(redis_url: str) -> None:
+    """A known management token whose calls keep failing (denied, rejected) gets its budget
+    of events (burst, then the rate), the rest are counted as suppressed and the next event
+    written says how many; another caller's budget is its own; reads write no event."""
+    env = base_env(redis_url)
+    reader, reader_id = mint(env, key_type="r--")
+    other, other_id = mint(env, key_type="r--")
+
+    async def calls(http: httpx.AsyncClient, metrics: Any) -> tuple[float, float, float]:
+        started = time.monotonic()
+        for i in range(40):
+            if i % 2:
+                r = await http.delete("/v1/tokens/tok_01ARZ3NDEKTSV4RRFFQ69G5FAV",
+                                      headers={"X-API-Key": reader})  # fmt: skip
+                assert r.status_code == 403
+            else:
+                r = await http.get("/v1/tokens?limit=0", headers={"X-API-Key": reader})
+                assert r.status_code == 422
+        for _ in range(30):
+            assert (await http.get("/v1/tokens", headers={"X-API-Key": reader})).status_code == 200
+            assert (await http.get("/v1/audit", headers={"X-API-Key": reader})).status_code == 200
+        elapsed = time.monotonic() - started
+        suppressed = _suppressed(metrics)
+        r = await http.get("/v1/tokens?limit=0", headers={"X-API-Key": other})
+        assert r.status_code == 422
+        await asyncio.sleep(1.1)
+        r = await http.get("/v1/tokens?limit=0", headers={"X-API-Key": reader})
+        return elapsed, suppressed, _suppressed(metrics)
+
+    elapsed, suppressed, after = _in_process(redis_url, calls, **BUDGET)
+    events = [e for e in raw_audit(redis_url) if e["actor"] == reader_id]
+    assert {e["action"] for e in events} == {"denied", "rejected"}, "reads wrote events"
+    written_first = len(events) - 1
+    assert 5 <= written_first <= 5 + elapsed * 1 + 1
+    assert suppressed == 40 - written_first and after == suppressed
+    last = events[-1]
+    assert '"suppressed_before":' in last["detail"]
+    assert int(last["detail"].split('"suppressed_before":')[1].split(",")[0].rstrip("}")) == (
+        suppressed
+    )
+    assert [e["actor"] for e in raw_audit(redis_url)].count(other_id) == 1
+
+
+def test_changes_over_the_budget_are_refused_not_left_unaudited(redis_url: str) -> None:
+    """A writer creating tokens faster than its budget gets 429 RATE_LIMITED with
+    Retry-After once it is spent; every token that was made has its audit event."""
+    env = base_env(redis_url)
+    writer, writer_id = mint(env)
+
+    async def calls(http: httpx.AsyncClient, metrics: Any) -> list[httpx.Response]:
+        out = []
+        for i in range(12):
+            out.append(await http.post("/v1/tokens", headers={"X-API-Key": writer},
+                                       json={**ACME, "name": f"n{i}"}))  # fmt: skip
+        return out
+
+    answers = _in_process(redis_url, calls, **BUDGET)
+    made = [r for r in answers if r.status_code == 201]
+    limited = [r for r in answers if r.status_code == 429]
+    assert len(made) + len(limited) == 12
+    assert 5 <= len(made) <= 7 and limited
+    error = limited[0].json()["error"]
+    assert error["code"] == "RATE_LIMITED" and int(limited[0].headers["retry-after"]) >= 1
+    creates = [e for e in raw_audit(redis_url) if e["action"] == "create"]
+    assert {e["token_id"] for e in creates if e["actor"] == writer_id} == {
+        r.json()["id"] for r in made
+    }
