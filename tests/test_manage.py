@@ -181,6 +181,32 @@ def test_list_shows_only_the_callers_tenancy(
     assert ids(space_admin) == {acme_space["id"], space_admin_id}
 
 
+def test_a_tenant_reads_only_its_own_audit_events(
+    gates: tuple[AuthgateProcess, AuthgateProcess],
+) -> None:
+    """The audit read by a tenant holds the events of its own tokens and its own failed
+    calls; another tenant's ids and unrecognised callers' denials are not in it. The
+    environment-wide token reads everything."""
+    a, _ = gates
+    root, _ = mint(a.env)
+    acme_admin, acme_admin_id = mint(a.env, org="acme", project="*")
+    mine = create(a, acme_admin)
+    theirs = create(a, root, **GLOBEX)
+    call(a, "POST", f"/v1/tokens/{theirs['id']}/revoke", root)
+    call(a, "GET", "/v1/tokens?limit=0", acme_admin)  # rejected: acme's own failure
+    call(a, "GET", "/v1/tokens", "min_" + "Z" * 38)  # denied: nobody known
+    seen = call(a, "GET", "/v1/audit?count=100", acme_admin)
+    assert seen.status_code == 200
+    conforms(seen.json(), "AuditList")
+    events = seen.json()["events"]
+    assert theirs["id"] not in seen.text and "anonymous" not in seen.text
+    assert {e["org"] for e in events} == {"acme"}
+    assert ("create", mine["id"]) in {(e["action"], e["token_id"]) for e in events}
+    assert any(e["action"] == "rejected" and e["actor"] == acme_admin_id for e in events)
+    everything = call(a, "GET", "/v1/audit?count=100", root).text
+    assert theirs["id"] in everything and "anonymous" in everything
+
+
 @pytest.mark.parametrize(
     ("spec", "field"),
     [

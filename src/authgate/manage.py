@@ -50,6 +50,7 @@ from .metrics import Metrics
 from .model import (
     BY_NAME,
     MAX_EXPIRY,
+    WILDCARD,
     duration,
     exceeds,
     in_scope,
@@ -222,6 +223,7 @@ class Manager:
         Refused (TOKEN_*, IP_NOT_ALLOWED) otherwise; the refusal is audited and counted."""
         presented: str | None = None
         actor: str | None = None
+        record: dict[str, Any] | None = None
         try:
             values = [v.strip() for v in credentials if v and v.strip()]
             if not values:
@@ -259,7 +261,8 @@ class Manager:
                 if not ip_allowed(networks, address):
                     raise Refused("IP_NOT_ALLOWED", client_ip=client_ip)
         except (Refused, BackendUnavailable) as exc:
-            await self._failed(actor, presented, operation, exc, None, client_ip)
+            scope = record if actor is not None else None
+            await self._failed(actor, presented, operation, exc, None, client_ip, scope)
             raise
         return Caller(actor, str(record.get("display_prefix", "")), record, client_ip)
 
@@ -324,10 +327,17 @@ class Manager:
 
     @_operation("audit")
     async def audit(self, caller: Caller, count: int = 50) -> dict[str, Any]:
-        """`{"events": [...]}`, newest first. Every event of the environment: the audit is
-        the operators' record, read with `r`."""
+        """`{"events": [...]}`, newest first: the events of tokens inside the caller's scope
+        (and of failed calls by management tokens inside it). An environment-wide caller
+        (`org` `*`) reads every event, those of unrecognised callers included."""
         _check_count("count", count, MAX_AUDIT)
-        return {"events": await self.store.audit_events(count)}
+        if self.environment_wide(caller):
+            return {"events": await self.store.audit_events(count)}
+
+        def keep(scope: Mapping[str, Any] | None) -> bool:
+            return scope is not None and in_scope(caller.record, scope)
+
+        return {"events": await self.store.audit_events(count, keep)}
 
     # -- changes -----------------------------------------------------------------------------
     @_operation("create")
@@ -404,6 +414,14 @@ class Manager:
         return await self.store.delete(token_id, caller.id)
 
     # -- the rules ---------------------------------------------------------------------------
+    @staticmethod
+    def environment_wide(caller: Caller) -> bool:
+        return all(
+            (caller.record.get(k) or "") in (WILDCARD, "") if k not in ("org", "project")
+            else caller.record.get(k) == WILDCARD
+            for k in ("org", "project", "space", "feature", "user_id")
+        )  # fmt: skip
+
     def visible(self, caller: Caller, record: Mapping[str, Any]) -> bool:
         """Whether the token exists for this caller: same environment, inside its scope."""
         return record.get("environment", "live") == self.settings.environment and in_scope(
@@ -450,7 +468,8 @@ class Manager:
         the caller was not let in or not allowed, `rejected` when its input was refused."""
         actor = None if caller is None else caller.id
         client_ip = "" if caller is None else caller.client_ip
-        await self._failed(actor, None, operation, error, target, client_ip)
+        scope = None if caller is None else caller.record
+        await self._failed(actor, None, operation, error, target, client_ip, scope)
 
     async def _failed(
         self,
@@ -460,6 +479,7 @@ class Manager:
         error: Exception,
         target: str | None,
         client_ip: str,
+        scope: Mapping[str, Any] | None,
     ) -> None:
         code = code_of(error)
         self.count(operation, code)
@@ -493,7 +513,7 @@ class Manager:
             bucket.left_out = 0
         action = "denied" if ERRORS[code][2] else "rejected"
         try:
-            await self.store.audit(action, who, record, detail)
+            await self.store.audit(action, who, record, detail, scope=scope)
         except BackendUnavailable:
             log.warning("management API: could not write the %s audit event", action)
 

@@ -249,6 +249,8 @@ def _schemas() -> dict[str, Any]:
             "actor": {"type": ["string", "null"]},
             "token_id": {"type": ["string", "null"]},
             "display_prefix": {"type": ["string", "null"]},
+            "org": {"type": ["string", "null"], "description": "The org the event belongs to."},
+            "project": {"type": ["string", "null"]},
             "detail": {"type": "object"},
         },
     }

@@ -29,7 +29,7 @@ from . import tokens
 from .backend import mapped_errors
 from .config import Settings
 from .errors import InvalidInput, NotFound
-from .model import ATTRIBUTES, iso, public_view, status_of, validate_spec
+from .model import ATTRIBUTES, IDENTITY_FIELDS, iso, public_view, status_of, validate_spec
 from .usage import as_usage
 
 DAY = 86400
@@ -452,7 +452,11 @@ class TokenStore:
         actor: str,
         record: Mapping[str, Any] | None = None,
         detail: dict[str, Any] | None = None,
+        scope: Mapping[str, Any] | None = None,
     ) -> None:
+        """One event. `scope` (default: the record's) is the org, project, space, feature
+        and user the event belongs to, so a tenant reads only its own events."""
+        where = record if scope is None else scope
         fields = {
             "ts": f"{time.time():.3f}",
             "action": action,
@@ -461,28 +465,52 @@ class TokenStore:
             "display_prefix": "" if record is None else record.get("display_prefix", ""),
             "detail": orjson.dumps(detail or {}),
         }
+        if where is not None and "org" in where:
+            fields["scope"] = orjson.dumps({k: where.get(k) or "" for k in IDENTITY_FIELDS})
         async with mapped_errors():
             await self.redis.xadd(
                 self.audit_key, fields, maxlen=self.settings.audit_maxlen, approximate=True
             )
 
-    async def audit_events(self, count: int = 50) -> list[dict[str, Any]]:
-        async with mapped_errors():
-            rows = await self.redis.xrevrange(self.audit_key, count=count)
-        out = []
-        for entry_id, fields in rows:
-            f = {k.decode(): v.decode() for k, v in fields.items()}
-            out.append(
-                {
-                    "event_id": entry_id.decode(),
-                    "time": _iso_from_text(f.get("ts", "0")),
-                    "action": f.get("action"),
-                    "actor": f.get("actor"),
-                    "token_id": f.get("token_id") or None,
-                    "display_prefix": f.get("display_prefix") or None,
-                    "detail": orjson.loads(f.get("detail") or "{}"),
-                }
-            )
+    async def audit_events(
+        self,
+        count: int = 50,
+        keep: Callable[[Mapping[str, Any] | None], bool] | None = None,
+        scan_most: int = 10_000,
+    ) -> list[dict[str, Any]]:
+        """The newest `count` events (that `keep(scope)` accepts, looking at no more than
+        `scan_most`), newest first."""
+        out: list[dict[str, Any]] = []
+        upper = "+"
+        scanned = 0
+        while len(out) < count and scanned < scan_most:
+            want = count if keep is None else min(max(count * 2, 100), scan_most - scanned)
+            async with mapped_errors():
+                rows = await self.redis.xrevrange(self.audit_key, max=upper, count=want)
+            for entry_id, raw in rows:
+                scanned += 1
+                f = {k.decode(): v.decode() for k, v in raw.items()}
+                scope = orjson.loads(f["scope"]) if f.get("scope") else None
+                if keep is not None and not keep(scope):
+                    continue
+                out.append(
+                    {
+                        "event_id": entry_id.decode(),
+                        "time": _iso_from_text(f.get("ts", "0")),
+                        "action": f.get("action"),
+                        "actor": f.get("actor"),
+                        "token_id": f.get("token_id") or None,
+                        "display_prefix": f.get("display_prefix") or None,
+                        "org": None if scope is None else scope.get("org"),
+                        "project": None if scope is None else scope.get("project"),
+                        "detail": orjson.loads(f.get("detail") or "{}"),
+                    }
+                )
+                if len(out) >= count:
+                    break
+            if len(rows) < want or keep is None:
+                break
+            upper = "(" + rows[-1][0].decode()
         return out
 
     async def _publish(self, digest: str) -> None:
