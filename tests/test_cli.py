@@ -324,6 +324,8 @@ def test_update_disable_enable_and_expiry_through_auth(
     assert json.loads(denied.headers["x-authgate-error"])["error"]["code"] == "TOKEN_DISABLED"
     listing = run_cli(cli_env, "token", "list").stdout
     assert "disabled" in listing and "never" in listing
+    why = run_cli(cli_env, "explain", "--uri", SCOPED, "--id", token_id, check=False)
+    assert why.returncode == 3 and "TOKEN_DISABLED" in why.stdout and "6b" in why.stdout
     assert update("--enable")["status"] == "active"
     assert ask(authgate_server, token).status_code == 200
     dated = update("--expires-at", "2030-01-31T12:00:00+01:00", "--name", "renamed")

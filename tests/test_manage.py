@@ -376,6 +376,22 @@ def test_every_change_is_enforced_by_another_instance_within_100_ms(
     assert len(updates) == 11 and all(e["actor"] == root_id for e in updates)
 
 
+def test_a_disabled_management_token_is_refused_until_enabled(
+    gates: tuple[AuthgateProcess, AuthgateProcess],
+) -> None:
+    """A management token disabled by another is refused on the API (403 TOKEN_DISABLED)
+    and works again once enabled."""
+    a, _ = gates
+    root, _ = mint(a.env)
+    ops, ops_id = mint(a.env, org="acme", project="*")
+    assert call(a, "GET", "/v1/tokens", ops).status_code == 200
+    call(a, "PATCH", f"/v1/tokens/{ops_id}", root, json={"enabled": False})
+    refused = call(a, "GET", "/v1/tokens", ops)
+    assert refused.status_code == 403 and error_of(refused)["code"] == "TOKEN_DISABLED"
+    call(a, "PATCH", f"/v1/tokens/{ops_id}", root, json={"enabled": True})
+    assert call(a, "GET", "/v1/tokens", ops).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("body", "status", "field"),
     [

@@ -43,9 +43,6 @@ Send = Callable[[Message], Awaitable[None]]
 MAX_BODY = 64 * 1024
 MAX_QUERY = 4096  # bytes of query string
 NO_STORE = {"cache-control": "no-store", "x-content-type-options": "nosniff"}
-# The anonymous budget's defaults (`admin_audit_burst`, `admin_audit_rate`), as before.
-ANONYMOUS_AUDIT_BURST = 100
-ANONYMOUS_AUDIT_RATE = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,9 +273,7 @@ async def _call(
             args = (whole(query, "days", 30),)
         elif op == "audit":
             args = (whole(query, "count", 50),)
-        elif op == "create":
-            args = (body or {},)
-        elif op in ("update", "rotate"):
+        elif op in ("create", "update", "rotate"):
             args = (body or {},)
         else:
             args = ()
