@@ -151,8 +151,18 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         answer="Usage", errors=(*_FOUND, "BAD_REQUEST", "INVALID_INPUT"),
     ),
     Endpoint(
-        "audit", "GET", "/v1/audit", "Audit events, newest first. Needs `r`.",
-        (Param("count", _int(1000, 50), "How many events."),),
+        "audit", "GET", "/v1/audit",
+        "The audit events the caller may see, newest first, a page at a time: an environment "
+        "token sees all, a scoped one its tenant's tokens' events and its own calls. Needs `r`.",
+        (
+            Param("count", _int(1000, 50), "At most this many events."),
+            Param(
+                "cursor",
+                {"type": "string", "maxLength": 50},
+                "`next_cursor` of the previous page.",
+            ),
+            Param("token_id", {"type": "string", "maxLength": 40}, "Only this token's events."),
+        ),
         answer="AuditList", errors=("BAD_REQUEST", "INVALID_INPUT"),
     ),
     Endpoint("openapi", "GET", "/openapi.json", "This document. No token needed.", answer=""),
@@ -262,6 +272,7 @@ async def _call(
 ) -> Any:
     """Read the endpoint's arguments and run its operation."""
     op = endpoint.operation
+    named: dict[str, Any] = {}
     try:
         query = params(request, endpoint.params)
         body = await json_body(request) if endpoint.method in ("POST", "PATCH") else None
@@ -273,7 +284,10 @@ async def _call(
             args = (whole(query, "days", 30),)
         elif op == "audit":
             args = (whole(query, "count", 50),)
-        elif op in ("create", "update", "rotate"):
+            named = {"before": query.pop("cursor", None), "token_id": query.pop("token_id", None)}
+        elif op == "create":
+            args = (body or {},)
+        elif op in ("update", "rotate"):
             args = (body or {},)
         else:
             args = ()
@@ -285,7 +299,7 @@ async def _call(
     method = getattr(manager, op)
     if token_id is not None:
         return await method(caller, token_id, *args)
-    return await method(caller, *args)
+    return await method(caller, *args, **named)
 
 
 def _endpoint(manager: Manager, endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:

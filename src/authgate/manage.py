@@ -26,6 +26,7 @@ import base64
 import hmac
 import ipaddress
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -50,7 +51,6 @@ from .metrics import Metrics
 from .model import (
     BY_NAME,
     MAX_EXPIRY,
-    WILDCARD,
     duration,
     exceeds,
     in_scope,
@@ -107,6 +107,7 @@ MAX_AUDIT = 1000
 ANONYMOUS = "anonymous"
 _BUDGETS_KEPT = 10_000  # callers whose budget is remembered (least recently used dropped)
 _CURSOR_INFO = b"authgate management list cursor v1"
+_STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +224,6 @@ class Manager:
         Refused (TOKEN_*, IP_NOT_ALLOWED) otherwise; the refusal is audited and counted."""
         presented: str | None = None
         actor: str | None = None
-        record: dict[str, Any] | None = None
         try:
             values = [v.strip() for v in credentials if v and v.strip()]
             if not values:
@@ -237,34 +237,51 @@ class Manager:
                 raise Refused("TOKEN_INVALID")
             presented = tokens.display_prefix(token, self.prefix)
             record = await self.store.record_by_hash(self.store.hash(token))
-            if record is None:
-                raise Refused("TOKEN_INVALID")
-            actor = str(record["id"])
-            if (
-                record.get("kind") != "management"
-                or record.get("environment", "live") != self.settings.environment
-                or record.get("revoked_at") is not None
-            ):
-                raise Refused("TOKEN_INVALID")
-            status = status_of(record)
-            if status == "expired":
-                raise Refused("TOKEN_EXPIRED", expired_at=iso(record.get("expires_at")))
-            if status == "disabled":
-                raise Refused("TOKEN_DISABLED")
-            allowlist = record.get("ip_allowlist") or []
-            if allowlist:
-                networks = [ipaddress.ip_network(n, strict=False) for n in allowlist]
-                try:
-                    address = ipaddress.ip_address(client_ip) if client_ip else None
-                except ValueError:
-                    address = None
-                if not ip_allowed(networks, address):
-                    raise Refused("IP_NOT_ALLOWED", client_ip=client_ip)
+            actor = None if record is None else str(record["id"])
+            self._admit(record, client_ip)
         except (Refused, BackendUnavailable) as exc:
-            scope = record if actor is not None else None
-            await self._failed(actor, presented, operation, exc, None, client_ip, scope)
+            await self._failed(actor, presented, operation, exc, None, client_ip)
             raise
-        return Caller(actor, str(record.get("display_prefix", "")), record, client_ip)
+        assert record is not None
+        return Caller(str(record["id"]), str(record.get("display_prefix", "")), record, client_ip)
+
+    async def authenticate_hash(self, digest: str, client_ip: str, operation: str) -> Caller:
+        """`authenticate` for a front end that remembers a signed-in token by its HMAC (the
+        console's session), so the value itself is never kept: the same checks, every call."""
+        record = await self.store.record_by_hash(digest)
+        try:
+            self._admit(record, client_ip)
+        except Refused as exc:
+            actor = None if record is None else str(record["id"])
+            await self._failed(actor, None, operation, exc, None, client_ip)
+            raise
+        assert record is not None
+        return Caller(str(record["id"]), str(record.get("display_prefix", "")), record, client_ip)
+
+    def _admit(self, record: Mapping[str, Any] | None, client_ip: str) -> None:
+        """Refused unless `record` is a management token valid here, now, from `client_ip`."""
+        if record is None:
+            raise Refused("TOKEN_INVALID")
+        if (
+            record.get("kind") != "management"
+            or record.get("environment", "live") != self.settings.environment
+            or record.get("revoked_at") is not None
+        ):
+            raise Refused("TOKEN_INVALID")
+        status = status_of(record)
+        if status == "expired":
+            raise Refused("TOKEN_EXPIRED", expired_at=iso(record.get("expires_at")))
+        if status == "disabled":
+            raise Refused("TOKEN_DISABLED")
+        allowlist = record.get("ip_allowlist") or []
+        if allowlist:
+            networks = [ipaddress.ip_network(n, strict=False) for n in allowlist]
+            try:
+                address = ipaddress.ip_address(client_ip) if client_ip else None
+            except ValueError:
+                address = None
+            if not ip_allowed(networks, address):
+                raise Refused("IP_NOT_ALLOWED", client_ip=client_ip)
 
     def require(self, caller: Caller, operation: str) -> None:
         """Refused INSUFFICIENT_KEY_TYPE unless the caller's key type has the flag."""
@@ -326,18 +343,33 @@ class Manager:
         }
 
     @_operation("audit")
-    async def audit(self, caller: Caller, count: int = 50) -> dict[str, Any]:
-        """`{"events": [...]}`, newest first: the events of tokens inside the caller's scope
-        (and of failed calls by management tokens inside it). An environment-wide caller
-        (`org` `*`) reads every event, those of unrecognised callers included."""
+    async def audit(
+        self,
+        caller: Caller,
+        count: int = 50,
+        *,
+        before: str | None = None,
+        token_id: str | None = None,
+    ) -> dict[str, Any]:
+        """`{"events": [...], "next_cursor": str | None}`, newest first: the events this
+        caller may see. An environment token (org `*`) sees every event; a scoped one, the
+        events about tokens inside its scope and its own calls. `before` is a
+        `next_cursor`; `token_id` keeps one token's events."""
         _check_count("count", count, MAX_AUDIT)
-        if self.environment_wide(caller):
-            return {"events": await self.store.audit_events(count)}
+        if before is not None and not _STREAM_ID.fullmatch(str(before)):
+            raise InvalidInput("cursor", "is not an audit cursor")
+        everything = caller.record.get("org") == "*" and caller.record.get("project") == "*"
 
-        def keep(scope: Mapping[str, Any] | None) -> bool:
-            return scope is not None and in_scope(caller.record, scope)
+        def keep(event: Mapping[str, Any]) -> bool:
+            if token_id is not None and event.get("token_id") != token_id:
+                return False
+            if everything or event.get("actor") == caller.id:
+                return True
+            scope = event.get("scope")
+            return isinstance(scope, dict) and in_scope(caller.record, scope)
 
-        return {"events": await self.store.audit_events(count, keep)}
+        events, next_cursor = await self.store.audit_page(count, before, keep)
+        return {"events": events, "next_cursor": next_cursor}
 
     # -- changes -----------------------------------------------------------------------------
     @_operation("create")
@@ -414,14 +446,6 @@ class Manager:
         return await self.store.delete(token_id, caller.id)
 
     # -- the rules ---------------------------------------------------------------------------
-    @staticmethod
-    def environment_wide(caller: Caller) -> bool:
-        return all(
-            (caller.record.get(k) or "") in (WILDCARD, "") if k not in ("org", "project")
-            else caller.record.get(k) == WILDCARD
-            for k in ("org", "project", "space", "feature", "user_id")
-        )  # fmt: skip
-
     def visible(self, caller: Caller, record: Mapping[str, Any]) -> bool:
         """Whether the token exists for this caller: same environment, inside its scope."""
         return record.get("environment", "live") == self.settings.environment and in_scope(
@@ -468,8 +492,7 @@ class Manager:
         the caller was not let in or not allowed, `rejected` when its input was refused."""
         actor = None if caller is None else caller.id
         client_ip = "" if caller is None else caller.client_ip
-        scope = None if caller is None else caller.record
-        await self._failed(actor, None, operation, error, target, client_ip, scope)
+        await self._failed(actor, None, operation, error, target, client_ip)
 
     async def _failed(
         self,
@@ -479,7 +502,6 @@ class Manager:
         error: Exception,
         target: str | None,
         client_ip: str,
-        scope: Mapping[str, Any] | None,
     ) -> None:
         code = code_of(error)
         self.count(operation, code)
@@ -513,7 +535,7 @@ class Manager:
             bucket.left_out = 0
         action = "denied" if ERRORS[code][2] else "rejected"
         try:
-            await self.store.audit(action, who, record, detail, scope=scope)
+            await self.store.audit(action, who, record, detail)
         except BackendUnavailable:
             log.warning("management API: could not write the %s audit event", action)
 

@@ -249,8 +249,10 @@ def _schemas() -> dict[str, Any]:
             "actor": {"type": ["string", "null"]},
             "token_id": {"type": ["string", "null"]},
             "display_prefix": {"type": ["string", "null"]},
-            "org": {"type": ["string", "null"], "description": "The org the event belongs to."},
-            "project": {"type": ["string", "null"]},
+            "scope": {
+                "type": ["object", "null"],
+                "description": "org, project and space of the token the event is about.",
+            },
             "detail": {"type": "object"},
         },
     }
@@ -300,8 +302,14 @@ def _schemas() -> dict[str, Any]:
         "AuditEvent": audit_event,
         "AuditList": {
             "type": "object",
-            "required": ["events"],
-            "properties": {"events": {"type": "array", "items": _ref("AuditEvent")}},
+            "required": ["events", "next_cursor"],
+            "properties": {
+                "events": {"type": "array", "items": _ref("AuditEvent")},
+                "next_cursor": {
+                    "type": ["string", "null"],
+                    "description": "Pass as `cursor` for older events; null at the end.",
+                },
+            },
         },
         "Error": error,
     }

@@ -20,7 +20,7 @@ calling: the CLI uses it as the environment's owner, the management API through
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -29,7 +29,7 @@ from . import tokens
 from .backend import mapped_errors
 from .config import Settings
 from .errors import InvalidInput, NotFound
-from .model import ATTRIBUTES, IDENTITY_FIELDS, iso, public_view, status_of, validate_spec
+from .model import ATTRIBUTES, iso, public_view, status_of, validate_spec
 from .usage import as_usage
 
 DAY = 86400
@@ -37,6 +37,8 @@ BUCKET_DAYS = 10
 HISTORY_DAYS = 90
 MAX_GRACE = 30 * 86400.0
 SCAN_BATCH = 200  # ids read per round trip while listing
+AUDIT_SCAN = 5000  # audit events read at most for one page
+_SCOPE_FIELDS = ("org", "project", "space")
 # Set `KEYS[1]` to ARGV[2] only if it still holds ARGV[1]: 1 when it did, else 0.
 _CAS = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -415,35 +417,28 @@ class TokenStore:
     async def usage_history(self, token_id: str, days: int) -> list[dict[str, Any]]:
         """The last `days` UTC days, newest first: date, allowed, denied by code, last
         client address (days without traffic included, with zeros)."""
+        return (await self.usage_histories([token_id], days))[0]
+
+    async def usage_histories(
+        self, token_ids: Sequence[str], days: int
+    ) -> list[list[dict[str, Any]]]:
+        """`usage_history` for several tokens in one round trip."""
         today = int(time.time() // DAY)
         first = today - days + 1
         buckets = list(range(first // BUCKET_DAYS, today // BUCKET_DAYS + 1))
         async with mapped_errors():
             pipe = self.redis.pipeline(transaction=False)
-            for bucket in buckets:
-                pipe.hgetall(f"{self._usage}{token_id}:{bucket}")
+            for token_id in token_ids:
+                for bucket in buckets:
+                    pipe.hgetall(f"{self._usage}{token_id}:{bucket}")
             rows = await pipe.execute()
-        fields: dict[str, str] = {}
-        for row in rows:
-            fields.update({k.decode(): v.decode() for k, v in row.items()})
-        out = []
-        for day in range(today, first - 1, -1):
-            denied: dict[str, int] = {}
-            prefix = f"{day}:"
-            for name, value in fields.items():
-                if name.startswith(prefix):
-                    what = name[len(prefix) :]
-                    if what not in ("OK", "ip"):
-                        denied[what] = int(value)
-            out.append(
-                {
-                    "date": time.strftime("%Y-%m-%d", time.gmtime(day * DAY)),
-                    "allowed": int(fields.get(f"{day}:OK", 0)),
-                    "denied": dict(sorted(denied.items())),
-                    "last_client_ip": fields.get(f"{day}:ip"),
-                }
-            )
-        return out
+        histories = []
+        for n in range(len(token_ids)):
+            fields: dict[str, str] = {}
+            for row in rows[n * len(buckets) : (n + 1) * len(buckets)]:
+                fields.update({k.decode(): v.decode() for k, v in row.items()})
+            histories.append(_days(fields, today, first))
+        return histories
 
     # -- audit ------------------------------------------------------------------------------
     async def audit(
@@ -452,11 +447,7 @@ class TokenStore:
         actor: str,
         record: Mapping[str, Any] | None = None,
         detail: dict[str, Any] | None = None,
-        scope: Mapping[str, Any] | None = None,
     ) -> None:
-        """One event. `scope` (default: the record's) is the org, project, space, feature
-        and user the event belongs to, so a tenant reads only its own events."""
-        where = record if scope is None else scope
         fields = {
             "ts": f"{time.time():.3f}",
             "action": action,
@@ -465,53 +456,48 @@ class TokenStore:
             "display_prefix": "" if record is None else record.get("display_prefix", ""),
             "detail": orjson.dumps(detail or {}),
         }
-        if where is not None and "org" in where:
-            fields["scope"] = orjson.dumps({k: where.get(k) or "" for k in IDENTITY_FIELDS})
+        if record is not None and "org" in record:
+            # Where the token lives, so a scoped reader of the audit sees its tenant's events.
+            fields["scope"] = orjson.dumps({k: record.get(k) or "" for k in _SCOPE_FIELDS})
         async with mapped_errors():
             await self.redis.xadd(
                 self.audit_key, fields, maxlen=self.settings.audit_maxlen, approximate=True
             )
 
-    async def audit_events(
+    async def audit_events(self, count: int = 50) -> list[dict[str, Any]]:
+        events, _ = await self.audit_page(count, None, lambda _event: True)
+        return events
+
+    async def audit_page(
         self,
-        count: int = 50,
-        keep: Callable[[Mapping[str, Any] | None], bool] | None = None,
-        scan_most: int = 10_000,
-    ) -> list[dict[str, Any]]:
-        """The newest `count` events (that `keep(scope)` accepts, looking at no more than
-        `scan_most`), newest first."""
+        count: int,
+        before: str | None,
+        keep: Callable[[Mapping[str, Any]], bool],
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Up to `count` events that `keep`, newest first, older than the event id `before`;
+        and the id to continue from (None at the end). Reads at most AUDIT_SCAN events a call,
+        so a reader whose events are rare gets a short page and a cursor, not a long stall."""
         out: list[dict[str, Any]] = []
-        upper = "+"
+        top = "+" if before is None else "(" + before
         scanned = 0
-        while len(out) < count and scanned < scan_most:
-            want = count if keep is None else min(max(count * 2, 100), scan_most - scanned)
+        last: str | None = None
+        while len(out) < count and scanned < AUDIT_SCAN:
             async with mapped_errors():
-                rows = await self.redis.xrevrange(self.audit_key, max=upper, count=want)
-            for entry_id, raw in rows:
+                rows = await self.redis.xrevrange(self.audit_key, max=top, count=200)
+            if not rows:
+                return out, None
+            for entry_id, fields in rows:
                 scanned += 1
-                f = {k.decode(): v.decode() for k, v in raw.items()}
-                scope = orjson.loads(f["scope"]) if f.get("scope") else None
-                if keep is not None and not keep(scope):
-                    continue
-                out.append(
-                    {
-                        "event_id": entry_id.decode(),
-                        "time": _iso_from_text(f.get("ts", "0")),
-                        "action": f.get("action"),
-                        "actor": f.get("actor"),
-                        "token_id": f.get("token_id") or None,
-                        "display_prefix": f.get("display_prefix") or None,
-                        "org": None if scope is None else scope.get("org"),
-                        "project": None if scope is None else scope.get("project"),
-                        "detail": orjson.loads(f.get("detail") or "{}"),
-                    }
-                )
-                if len(out) >= count:
-                    break
-            if len(rows) < want or keep is None:
-                break
-            upper = "(" + rows[-1][0].decode()
-        return out
+                last = entry_id.decode()
+                event = _event(last, fields)
+                if keep(event):
+                    out.append(event)
+                    if len(out) == count:
+                        break
+            top = "(" + (last or "")
+            if len(rows) < 200 and len(out) < count:
+                return out, None
+        return out, last
 
     async def _publish(self, digest: str) -> None:
         async with mapped_errors():
@@ -538,3 +524,38 @@ def _iso_from_text(ts: str) -> str | None:
         return iso(float(ts))
     except ValueError:
         return None
+
+
+def _event(entry_id: str, raw: Mapping[bytes, bytes]) -> dict[str, Any]:
+    f = {k.decode(): v.decode() for k, v in raw.items()}
+    return {
+        "event_id": entry_id,
+        "time": _iso_from_text(f.get("ts", "0")),
+        "action": f.get("action"),
+        "actor": f.get("actor"),
+        "token_id": f.get("token_id") or None,
+        "display_prefix": f.get("display_prefix") or None,
+        "scope": orjson.loads(f["scope"]) if f.get("scope") else None,
+        "detail": orjson.loads(f.get("detail") or "{}"),
+    }
+
+
+def _days(fields: Mapping[str, str], today: int, first: int) -> list[dict[str, Any]]:
+    out = []
+    for day in range(today, first - 1, -1):
+        denied: dict[str, int] = {}
+        prefix = f"{day}:"
+        for name, value in fields.items():
+            if name.startswith(prefix):
+                what = name[len(prefix) :]
+                if what not in ("OK", "ip"):
+                    denied[what] = int(value)
+        out.append(
+            {
+                "date": time.strftime("%Y-%m-%d", time.gmtime(day * DAY)),
+                "allowed": int(fields.get(f"{day}:OK", 0)),
+                "denied": dict(sorted(denied.items())),
+                "last_client_ip": fields.get(f"{day}:ip"),
+            }
+        )
+    return out
