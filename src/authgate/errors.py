@@ -20,14 +20,6 @@ class InvalidInput(AuthgateError):
         self.message = message
 
 
-class NotFound(AuthgateError):
-    """No token with that id."""
-
-
-class BackendUnavailable(AuthgateError):
-    """Redis could not be reached or did not answer in time."""
-
-
 class WrongType(InvalidInput):
     """A field of a request has the wrong JSON type (a number for a string, …)."""
 
@@ -47,3 +39,12 @@ class Refused(AuthgateError):
         self.code = code
         self.message = message
         self.details = details
+
+
+class NotFound(AuthgateError):
+    """No token with that id."""
+
+
+class BackendUnavailable(AuthgateError):
+    """Redis could not be reached or did not answer in time."""
+
