@@ -47,4 +47,3 @@ class NotFound(AuthgateError):
 
 class BackendUnavailable(AuthgateError):
     """Redis could not be reached or did not answer in time."""
-
