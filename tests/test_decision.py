@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from authgate.app import Runtime
+from authgate.decisions import NGINX_FOLD
 from tests.inproc import auth_scope, create, running, settings_for
 
 pytestmark = pytest.mark.anyio
@@ -43,6 +44,7 @@ class Row:
     pwt: bool = True  # send ?pwt=
     pwt_value: str | None = None  # a different pwt value (mismatch)
     details: dict[str, Any] = field(default_factory=dict)
+    raw_refused: bool = False  # a raw path not in normal form: 400 where the proxy forwards it
 
 
 ROWS = [
@@ -95,11 +97,20 @@ ROWS = [
     ),
     pytest.param(Row(403, "ADMIN_REQUIRED", token="rwd", path=SYSTEM), id="10-system-no-admin"),
     pytest.param(
-        Row(403, "ADMIN_REQUIRED", path="/minimal/api/%73ystem/x"), id="10-encoded-letter"
+        Row(403, "ADMIN_REQUIRED", path="/minimal/api/%73ystem/x", raw_refused=True),
+        id="10-encoded-letter",
     ),
-    pytest.param(Row(403, "ADMIN_REQUIRED", path="/minimal/api%2Fsystem/x"), id="10-encoded-slash"),
     pytest.param(
-        Row(403, "ADMIN_REQUIRED", path="/minimal/api/rest/v1/acme/tunes/../../../../system/x"),
+        Row(403, "ADMIN_REQUIRED", path="/minimal/api%2Fsystem/x", raw_refused=True),
+        id="10-encoded-slash",
+    ),
+    pytest.param(
+        Row(
+            403,
+            "ADMIN_REQUIRED",
+            path="/minimal/api/rest/v1/acme/tunes/../../../../system/x",
+            raw_refused=True,
+        ),
         id="10-dot-segments",
     ),
     pytest.param(
@@ -223,17 +234,45 @@ def build(dialect: str, row: Row, token: str | None) -> tuple[str, str, dict[str
     return row.method, "/ext-authz" + uri, headers
 
 
+async def raw_target(
+    runtime: Runtime, method: str, target: str, headers: dict[str, str]
+) -> httpx.Response:
+    """The data plane's answer to a request line sent byte for byte (as Envoy sends it)."""
+    path, _, query = target.partition("?")
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 40000),
+    }
+    answer = runtime.data_plane.answer_now(scope)
+    if not isinstance(answer, tuple):
+        answer = await answer
+    status, head, body = answer
+    return httpx.Response(status, headers=list(head), content=body)
+
+
 @pytest.mark.parametrize("dialect", DIALECTS)
 @pytest.mark.parametrize("row", ROWS)
 async def test_decision_table(redis_url: str, dialect: str, row: Row) -> None:
     """Each row of the decision table answers its status and code in each dialect; nginx
-    dialects fold 404 into 401 with the real status and JSON error in headers and no body."""
+    dialects fold 404 into 401 with the real status and JSON error in headers and no body.
+    A path that is not in normal form is judged normalised where the proxy forwards the
+    path authgate judged (plain nginx), and refused (400) where it forwards the raw path."""
+    if row.raw_refused and dialect != "nginx":
+        row = Row(400, "BAD_REQUEST", path=row.path)
     settings = settings_for(redis_url, AUTHGATE_CONFIG=route_config())
     async with running(settings) as (runtime, client):
         tokens = await make_tokens(runtime)
         token = None if (not row.header and not row.pwt) else tokens[row.token]
         method, url, headers = build(dialect, row, token)
-        r = await client.request(method, url, headers=headers)
+        if "/../" in url:  # httpx resolves dot segments: send the request line as it is
+            r = await raw_target(runtime, method, url, headers)
+        else:
+            r = await client.request(method, url, headers=headers)
     if row.status == 200:
         assert r.status_code == 200, r.headers.get("x-authgate-error") or r.text
         assert r.content == b""
@@ -242,7 +281,7 @@ async def test_decision_table(redis_url: str, dialect: str, row: Row) -> None:
         assert "pwt" not in r.headers["x-authgate-uri"]
         return
     if dialect in FOLDING:
-        assert r.status_code == {404: 401, 503: 401}.get(row.status, row.status)
+        assert r.status_code == NGINX_FOLD[row.status]
         assert r.content == b""
         assert r.headers["content-length"] == "0"
         assert int(r.headers["x-authgate-status"]) == row.status
@@ -286,7 +325,7 @@ async def test_redis_unreachable_and_not_cached_is_503(redis_url: str) -> None:
 
 async def test_allowed_answer_carries_identity_and_clean_query(redis_url: str) -> None:
     """Allowed: exactly 200, every identity header, and the query with every token parameter
-    (however it is spelled) removed while other parameters stay byte for byte."""
+    removed while other parameters stay byte for byte."""
     async with running(settings_for(redis_url)) as (runtime, client):
         token, view = await create(
             runtime,
@@ -296,7 +335,7 @@ async def test_allowed_answer_carries_identity_and_clean_query(redis_url: str) -
             user_id="u-42",
             key_type="rw-",
         )
-        uri = f"{SCOPED}/a%20b?x=1&pwt={token}&y=%2F&p%77t={token}&z"
+        uri = f"{SCOPED}/a%20b?x=1&pwt={token}&y=%2F&z&pwt={token}"
         r = await client.get("/auth", headers={"X-Original-URI": uri, "X-Power-Token": token})
     assert r.status_code == 200
     h = r.headers
@@ -375,9 +414,21 @@ async def test_token_sources(
         pytest.param("127.0.0.1", {"X-Real-IP": "203.0.113.9"}, True, id="trusted-real-ip"),
         pytest.param(
             "127.0.0.1",
-            {"X-Forwarded-For": "203.0.113.9, 10.0.0.2"},
+            {"X-Forwarded-For": "203.0.113.9"},
             True,
-            id="trusted-xff-rightmost-untrusted",
+            id="trusted-xff-the-entry-the-proxy-wrote",
+        ),
+        pytest.param(
+            "127.0.0.1",
+            {"X-Forwarded-For": "203.0.113.9, 10.0.0.2"},
+            False,
+            id="xff-one-hop-trusted-by-default",
+        ),
+        pytest.param(
+            "10.0.0.7",
+            {"X-Forwarded-For": "203.0.113.9, 10.0.0.8"},
+            False,
+            id="xff-client-in-a-trusted-range-cannot-choose",
         ),
         pytest.param(
             "127.0.0.1",
@@ -573,10 +624,10 @@ async def test_denials_the_cache_can_answer_need_no_wait(redis_url: str) -> None
             assert answer[0] in (401, 403)
         first = plane.answer_now(scope(unknown))
         assert not isinstance(first, tuple)
-        assert (await first)[1][0] == (b"x-authgate-status", b"404")
+        assert (await first)[1][0] == (b"X-Authgate-Status", b"404")
         negative = runtime.metrics.cache_counts["negative"]
         again = plane.answer_now(scope(unknown))
         assert isinstance(again, tuple)
-        assert again[1][0] == (b"x-authgate-status", b"404")
+        assert again[1][0] == (b"X-Authgate-Status", b"404")
         assert b"TOKEN_INVALID" in again[1][1][1]
         assert runtime.metrics.cache_counts["negative"] == negative + 1

@@ -657,8 +657,8 @@ def test_allowed_answer_is_encoded_once_per_token_and_byte_for_byte(
         plain = (status, list(headers), body)
         for form in ({}, {"close": True}, {"keep_alive_header": True}, {"head_only": True}):
             assert encode((status, headers, body), **form) == encode(plain, **form)
-    assert dict(answers[-1][1])[b"x-authgate-uri"] == b"/v1/b%20c/?x=1"
-    assert dict(answers[-1][1])[b"x-user-id"] == b"u-1"
+    assert dict(answers[-1][1])[b"X-Authgate-Uri"] == b"/v1/b%20c/?x=1"
+    assert dict(answers[-1][1])[b"X-User-Id"] == b"u-1"
 
 
 @pytest.mark.parametrize("field", ["org", "roles", "user_id"])

@@ -234,6 +234,18 @@ def reference_path(raw: str) -> str | None:
     return "/" + "/".join(stack) + ("/" if trailing and stack else "")
 
 
+def reference_refusal(path: str) -> str | None:
+    """The code a normalised path is refused with before any token check matters: what
+    some upstream reads otherwise (';', '\\', a segment ending in '.' or ' ', a '%' left
+    after decoding) is BAD_REQUEST; inside /minimal/api/rest/ without org and project,
+    SCOPE_MISMATCH."""
+    if re.search(r"[;\\%]|[. ](?:/|$)", path):
+        return "BAD_REQUEST"
+    if (path + "/").startswith("/minimal/api/rest/") and scope_of(path) is None:
+        return "SCOPE_MISMATCH"
+    return None
+
+
 def scope_of(path: str) -> list[str] | None:
     """(org, project) named by a scoped API path, or None when it is not one."""
     segments = path.split("/")
@@ -299,7 +311,8 @@ def test_auth_headers_never_5xx_never_wrong_allow(
 )
 def test_normalised_path_never_escapes_to_system_apis(world: World, path: str, method: str) -> None:
     """However a path is spelled (escapes, dot segments, %2F), a token without `admin` never
-    reaches a System API or another scope: the decision follows the reference $uri."""
+    reaches a System API or another scope: the decision follows the reference $uri, and
+    what some upstream would read otherwise is refused."""
     uri = f"/minimal/api/rest/v1/acme/tunes{path}?pwt={world.user}"
     headers = [
         (b"x-original-uri", uri.encode("latin-1")),
@@ -311,8 +324,12 @@ def test_normalised_path_never_escapes_to_system_apis(world: World, path: str, m
     if want is None:
         assert status == 403 and out[b"x-authgate-status"] == [b"400"], (uri, status)
         return
+    refusal = reference_refusal(want)
+    if refusal == "BAD_REQUEST":
+        assert status == 403 and out[b"x-authgate-status"] == [b"400"], (uri, want, status)
+        return
     is_system = (want + "/").startswith(SYSTEM + "/")
-    foreign = scope_of(want) not in (None, ["acme", "tunes"])
+    foreign = scope_of(want) not in (None, ["acme", "tunes"]) or refusal is not None
     if is_system or foreign:
         assert status == 403, (uri, want, status, body)
         code = orjson.loads(out[b"x-authgate-error"][0])["error"]["code"]

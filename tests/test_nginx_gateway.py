@@ -425,7 +425,7 @@ def test_client_cannot_choose_what_authgate_judges(
         pytest.param("a=1&pwt={ro}&b=2", "?a=1&b=2", id="middle"),
         pytest.param("pwt={ro}", "", id="only"),
         pytest.param("pwt={ro}&pwt={ro}", "", id="repeated"),
-        pytest.param("p%77t={ro}&a=1", "?a=1", id="encoded-name"),
+        pytest.param("a=1&pwt={ro}", "?a=1", id="last"),
         pytest.param("a=%20x&pwt={ro}&b=%2F", "?a=%20x&b=%2F", id="encoding-kept"),
     ],
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from .cache import TokenCache
@@ -171,11 +172,14 @@ class Authorizer:
             return deny("TOKEN_DISABLED", 6)  # check 6b
         if entry.networks and not ip_allowed(entry.networks, req.client_ip):
             return deny("IP_NOT_ALLOWED", 7, client_ip=str(req.client_ip or "unknown"))
-        route, bound = self.routes.match(req.path)
+        found = self.routes.lookup(req.path)
+        route = found.route
         if route is not None:
-            scope = self.check_scope(entry, route, bound, req)
+            scope = self.check_scope(entry, route, found.bound, req)
             if scope is not None:
                 return scope
+        elif found.area:
+            return deny("SCOPE_MISMATCH", 8, reason="no route binds this path in its area")
         flag = METHOD_FLAG.get(req.method)
         if flag is None or flag not in entry.key_type:
             return deny("INSUFFICIENT_KEY_TYPE", 9, required=flag, method=req.method[:16])
@@ -195,7 +199,7 @@ class Authorizer:
         if "org" in bound and (bound["org"] != entry.org or bound["project"] != entry.project):
             return deny("SCOPE_MISMATCH", 8)
         if route.cls == "app" and entry.app_ids:
-            apps = [v for k, v, _ in req.pairs if k == "app_id"]
+            apps = list(req.app_ids)
             if "app" in bound:
                 apps.append(bound["app"])
             if not apps or any(a not in entry.app_ids for a in apps):
@@ -244,11 +248,28 @@ class Authorizer:
         return decision
 
 
+@dataclass(frozen=True, slots=True)
+class Match:
+    """Where a normalised path falls: the first route it matches and what that bound;
+    `area`: no route, but inside a protected area (SCOPE_MISMATCH); `case_variant`: a
+    route or area before it would match if letter case were ignored."""
+
+    route: Route | None
+    bound: dict[str, str]  # read-only
+    area: bool = False
+    case_variant: bool = False
+
+
+_NO_MATCH = Match(None, {})
+
+
 class RouteTable:
-    """`Settings.routes` compiled: one anchored regex per route, tried in order."""
+    """`Settings.routes` compiled: one anchored regex per route, tried in order, then the
+    protected areas of scoped and app routes (`Route.area`)."""
 
     def __init__(self, routes: tuple[Route, ...]) -> None:
-        self._routes: list[tuple[Route, str, re.Pattern[str]]] = []
+        # (route, or None for an area; literal head; its casefold; exact and case-blind regex)
+        self._routes: list[tuple[Route | None, str, str, re.Pattern[str], re.Pattern[str]]] = []
         for route in routes:
             pattern, head, bound = "", "", False
             for segment in route.segments:
@@ -261,29 +282,53 @@ class RouteTable:
                         head += "/" + segment
             # Whole segments: the prefix ends the path or a slash follows (\Z, not $: a
             # decoded %0A must not end a segment early).
-            compiled = re.compile(pattern + r"(?:/|\Z)")
-            self._routes.append((route, head, compiled))
+            self._add(route, head, pattern + r"(?:/|\Z)")
+        for route in routes:
+            if route.area is not None:
+                self._add(None, route.area, re.escape(route.area) + r"(?:/|\Z)")
+        self._seen: dict[str, Match] = {}
 
-        self._seen: dict[str, tuple[Route | None, dict[str, str]]] = {}
+    def _add(self, route: Route | None, head: str, pattern: str) -> None:
+        exact = re.compile(pattern)
+        blind = re.compile(pattern, re.IGNORECASE)
+        self._routes.append((route, head, head.casefold(), exact, blind))
 
     def match(self, path: str) -> tuple[Route | None, dict[str, str]]:
         """The first route whose prefix `path` starts with, and the placeholders it bound.
-        Results are remembered for recent paths: treat the dict as read-only."""
+        Treat the dict as read-only."""
+        found = self.lookup(path)
+        return found.route, found.bound
+
+    def lookup(self, path: str) -> Match:
+        """Where `path` falls; remembered for recent (short) paths."""
         found = self._seen.get(path)
         if found is None:
-            found = self._match(path)
-            if len(self._seen) >= 4096:
-                self._seen.clear()
-            self._seen[path] = found
+            found = self._lookup(path)
+            if len(path) <= 512:
+                if len(self._seen) >= 4096:
+                    self._seen.clear()
+                self._seen[path] = found
         return found
 
-    def _match(self, path: str) -> tuple[Route | None, dict[str, str]]:
-        for route, head, pattern in self._routes:
+    def _lookup(self, path: str) -> Match:
+        view = path
+        if not path.isascii():  # as a Unicode-aware upstream reads it (long s is s)
+            try:
+                view = path.encode("latin-1").decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+        folded = view.casefold()
+        variant = False
+        for route, head, head_folded, exact, blind in self._routes:
             if path.startswith(head):
-                m = pattern.match(path)
+                m = exact.match(path)
                 if m is not None:
-                    return route, m.groupdict()
-        return None, {}
+                    if route is None:
+                        return Match(None, {}, True, variant)
+                    return Match(route, m.groupdict(), False, variant)
+            if not variant and (folded.startswith(head_folded) or not view.isascii()):
+                variant = blind.match(view) is not None
+        return Match(None, {}, False, True) if variant else _NO_MATCH
 
 
 def match_route(routes: tuple[Route, ...], path: str) -> tuple[Route | None, dict[str, str]]:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from .durations import parse_duration
 from .errors import ConfigError
+from .rules import Reading, parse_reading
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -65,12 +66,18 @@ class TokenSource:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A path prefix (whole segments; `{org}`, `{project}`, `{app}` match one) and its rule."""
+    """A path prefix (whole segments; `{org}`, `{project}`, `{app}` match one) and its rule.
+
+    `area`: for a scoped or app route, the prefix of the protected area it covers; a path
+    inside it that no route matches is refused (SCOPE_MISMATCH) rather than judged as
+    `default`. By default the route's literal prefix without a trailing version segment
+    (`/minimal/api/rest/v1/{org}/{project}` covers `/minimal/api/rest`); None for none."""
 
     cls: str
     prefix: str
     segments: tuple[str, ...]
     permissions: frozenset[str] = frozenset()
+    area: str | None = None
 
 
 def _default_routes() -> tuple[Route, ...]:
@@ -108,6 +115,8 @@ class Settings:
     metrics_dir: str | None = None
     log_level: str = "info"
     max_token_length: int = 256
+    trusted_hops: int = 1  # X-Forwarded-For entries, from the right, the proxies vouch for
+    reading: Reading = field(default_factory=Reading)  # the request-reading rules (rules.py)
 
     @property
     def environment(self) -> str:
@@ -138,7 +147,27 @@ def parse_source(name: str, text: str) -> TokenSource:
     raise ConfigError(f"{name}: {text!r} is not a token source (header:NAME, query:NAME or bearer)")
 
 
-def make_route(cls: str, prefix: str, permissions: Any, where: str = "routes") -> Route:
+_VERSION = re.compile(r"^v[0-9]+$")
+
+
+def default_area(cls: str, segments: tuple[str, ...]) -> str | None:
+    """A scoped or app route's protected area: its segments before the first placeholder,
+    without a last one that names a version (`v1`), so every version is covered."""
+    if cls not in ("scoped", "app"):
+        return None
+    literal: list[str] = []
+    for seg in segments:
+        if seg.startswith("{"):
+            break
+        literal.append(seg)
+    if len(literal) > 1 and _VERSION.match(literal[-1]):
+        literal.pop()
+    return "/" + "/".join(literal) if literal else None
+
+
+def make_route(
+    cls: str, prefix: str, permissions: Any, where: str = "routes", area: Any = ...
+) -> Route:
     if cls not in ROUTE_CLASSES:
         raise ConfigError(f"{where}.class: {cls!r} is not one of {', '.join(ROUTE_CLASSES)}")
     if not isinstance(prefix, str) or not prefix.startswith("/"):
@@ -157,7 +186,17 @@ def make_route(cls: str, prefix: str, permissions: Any, where: str = "routes") -
         isinstance(p, str) and p for p in permissions
     ):
         raise ConfigError(f"{where}.permissions: must be a list of scope strings")
-    return Route(cls, prefix, segments, frozenset(permissions))
+    if area is ...:
+        area = default_area(cls, segments)
+    elif area is False or area == "":
+        area = None
+    elif not isinstance(area, str) or not area.startswith("/"):
+        raise ConfigError(f"{where}.area: {area!r} must be a path starting with '/', or false")
+    elif cls not in ("scoped", "app"):
+        raise ConfigError(f"{where}.area: only a scoped or app route covers an area")
+    else:
+        area = "/" + "/".join(s for s in area.split("/") if s)
+    return Route(cls, prefix, segments, frozenset(permissions), area)
 
 
 def _networks(name: str, values: Any) -> tuple[IPNetwork, ...]:
@@ -188,6 +227,7 @@ _KEYS: dict[str, str] = {
     "token_sources": "sources",
     "token_mode": "mode",
     "trusted_proxies": "networks",
+    "trusted_hops": "int",
     "listen": "listen",
     "metrics_listen": "listen",
     "admin_listen": "listen",
@@ -290,7 +330,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         file_values = _read_file(config_path)
     values: dict[str, Any] = {}
     for key, raw in file_values.items():
-        if key == "routes":
+        if key in ("routes", "reading"):
             continue
         if key not in _KEYS:
             raise ConfigError(f"AUTHGATE_CONFIG: unknown setting {key!r}")
@@ -306,15 +346,21 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         built = []
         for i, r in enumerate(routes):
             where = f"routes[{i}]"
-            unknown = set(r) - {"class", "prefix", "permissions"}
+            unknown = set(r) - {"class", "prefix", "permissions", "area"}
             if unknown:
                 raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
             built.append(
                 make_route(
-                    r.get("class", "default"), r.get("prefix"), r.get("permissions", []), where
+                    r.get("class", "default"),
+                    r.get("prefix"),
+                    r.get("permissions", []),
+                    where,
+                    r.get("area", ...),
                 )
             )
         values["routes"] = tuple(built)
+    if "reading" in file_values:
+        values["reading"] = parse_reading(f"reading (in {config_path})", file_values["reading"])
     prefix = values.get("token_prefix", "min_")
     if not _PREFIX.match(prefix):
         raise ConfigError(

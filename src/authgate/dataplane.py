@@ -29,7 +29,7 @@ class DataPlane:
         self.authorizer = authorizer
         self.metrics = authorizer.metrics
         self.ready = ready
-        self.reader = RequestReader(settings)
+        self.reader = RequestReader(settings, authorizer.routes)
         self.writer = AnswerWriter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

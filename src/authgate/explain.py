@@ -5,12 +5,12 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from .authorizer import Authorizer, match_route
+from .authorizer import Authorizer
 from .cache import TokenCache
 from .metrics import Metrics
 from .model import Entry
-from .paths import BadPath, normalise, query_pairs, split_uri
-from .plane import AuthRequest, Decision
+from .plane import AuthRequest, BadRequest, Decision
+from .reading import RequestReader
 from .store import TokenStore
 from .usage import UsageRecorder
 
@@ -43,14 +43,20 @@ async def explain(
     settings = store.settings
     cache = TokenCache(ttl=0, stale_window=0, negative_ttl=0, size=1, negative_size=1)
     authorizer = Authorizer(settings, store, cache, Metrics(), UsageRecorder())
-    try:
-        raw_path, query = split_uri(uri)
-        path = normalise(raw_path)
-    except BadPath as exc:
-        return {"status": 400, "code": "BAD_REQUEST", "reason": f"the URI: {exc}", "details": {}}
+    reader = RequestReader(settings, authorizer.routes)
+    try:  # read as the plain nginx dialect reads X-Original-URI
+        path, query, _ = reader.target(uri, raw=False)
+        apps = reader.query.read(query, None)[0] if query else []
+    except BadRequest as exc:
+        return {
+            "status": 400,
+            "code": "BAD_REQUEST",
+            "reason": f"the URI: {exc.reason}",
+            "details": {},
+        }
     client_ip = ipaddress.ip_address(ip) if ip else None
-    req = AuthRequest(method.upper(), path, query, client_ip, {}, False, query_pairs(query))
-    route, _ = match_route(settings.routes, path)
+    req = AuthRequest(method.upper(), path, query, client_ip, {}, False, apps)
+    route = authorizer.routes.match(path)[0]
     decision: Decision
     if token is not None:
         req.candidates = {s.label: [token] for s in settings.token_sources}

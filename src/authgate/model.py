@@ -509,12 +509,12 @@ class Entry:
         token_id = record["id"]
         headers = _shared(
             (
-                _header(b"x-org-id", record["org"]),
-                _header(b"x-project-id", record["project"]),
-                _header(b"x-space-id", record.get("space") or ""),
-                _header(b"x-feature-id", record.get("feature") or ""),
-                _header(b"x-user-roles", ",".join(roles)),
-                _header(b"x-key-type", record["key_type"]),
+                _header(b"X-Org-Id", record["org"]),
+                _header(b"X-Project-Id", record["project"]),
+                _header(b"X-Space-Id", record.get("space") or ""),
+                _header(b"X-Feature-Id", record.get("feature") or ""),
+                _header(b"X-User-Roles", ",".join(roles)),
+                _header(b"X-Key-Type", record["key_type"]),
             )
         )
         return cls(
@@ -533,8 +533,8 @@ class Entry:
             expires_at=record.get("expires_at"),
             revoked=record.get("revoked_at") is not None,
             headers=headers,
-            user_header=_header(b"x-user-id", record.get("user_id") or ""),
-            id_header=(b"x-token-id", token_id.encode()),
+            user_header=_header(b"X-User-Id", record.get("user_id") or ""),
+            id_header=(b"X-Token-Id", token_id.encode()),
             enabled=record.get("enabled", True) is not False,
         )
 

@@ -1,94 +1,142 @@
-"""URIs as nginx routes on them.
+"""URIs as nginx routes on them, and the spellings no upstream may read differently.
 
 `normalise` reproduces nginx's `$uri`: every percent-escape decoded once (`%2F` included),
 repeated slashes merged, `.` and `..` segments resolved; `%00`, a bad escape or `..` above
 the root make nginx answer 400, so they are errors here too. Paths are kept as `str` holding
 one character per byte (latin-1), so nothing is lost and re-encoding is exact.
+
+Whatever its length, a path costs a few C-level passes (`unescape`, `re`, `str` methods);
+only a path that has dot or empty segments to resolve is walked segment by segment, and
+that walk is capped at `MAX_SEGMENTS`.
 """
 
 from __future__ import annotations
 
+import binascii
 import re
-from urllib.parse import quote, unquote_to_bytes
 
-_HEX = frozenset(b"0123456789abcdefABCDEF")
+MAX_SEGMENTS = 128  # of a path whose dot segments must be resolved one by one
 # Characters left as they are when the authorised path is encoded again for the upstream.
 _SAFE = "/-._~!$&'()*+,;=:@"
-_PLAIN = re.compile(r"[A-Za-z0-9/\-._~!$&'()*+,;=:@]*")
+_PLAIN = bytes(c for c in range(128) if chr(c).isalnum() or chr(c) in _SAFE)
+# encode: each byte as three (itself or '%', then two hex digits or NUL fillers).
+_HEX = b"0123456789ABCDEF"
+_PERCENT = bytes.maketrans(b"%", b"=")
+_FIRST = bytes(c if c in _PLAIN else 0x25 for c in range(256))
+_HIGH = bytes(0 if c in _PLAIN else _HEX[c >> 4] for c in range(256))
+_LOW = bytes(0 if c in _PLAIN else _HEX[c & 15] for c in range(256))
+# Unreserved characters (ALPHA DIGIT - . _ ~), '/' and '\': every upstream decodes an
+# escape of one to the character itself, so a raw path in normal form escapes none.
+_UNRESERVED = bytes(c for c in range(128) if chr(c).isalnum() or chr(c) in "-._~/\\")
+# A `.` or `..` segment.
+_DOT_SEGMENT = re.compile(r"/\.\.?(?=/|\Z)")
 
 
 class BadPath(ValueError):
-    """nginx would refuse this URI with 400."""
+    """nginx would refuse this URI with 400, or authgate will not read it."""
 
 
-def _decode(raw: bytes) -> bytes:
-    if b"%" not in raw:
-        out = raw
-    else:
-        buf = bytearray()
-        i, n = 0, len(raw)
-        while i < n:
-            c = raw[i]
-            if c == 0x25:  # %
-                if i + 2 >= n:
-                    raise BadPath("truncated percent-escape")
-                h1, h2 = raw[i + 1], raw[i + 2]
-                if h1 not in _HEX or h2 not in _HEX:
-                    raise BadPath("invalid percent-escape")
-                buf.append(int(raw[i + 1 : i + 3], 16))
-                i += 3
-            else:
-                buf.append(c)
-                i += 1
-        out = bytes(buf)
-    if b"\x00" in out:
-        raise BadPath("NUL in path")
-    return out
+def unescape(text: str) -> str:
+    """`text` with every `%XX` decoded once (bytes as latin-1 characters), in C; a '%'
+    not followed by two hex digits is an error (nginx answers 400 to such a path)."""
+    if "%" not in text:
+        return text
+    decoded = unescape_loosely(text)
+    if len(decoded) != len(text) - 2 * text.count("%"):
+        raise BadPath("invalid percent-escape")
+    return decoded
 
 
-def normalise(raw_path: str | bytes) -> str:
+def unescape_loosely(text: str) -> str:
+    """`text` with every valid `%XX` decoded once, in C: binascii's quoted-printable decoder
+    reads `=XX`, so literal '=' become `=3D` and '%' become '='. Where a '%' is not an
+    escape the result is approximate (that '%' reads as '='); `unescape` refuses those."""
+    if "%" not in text:
+        return text
+    data = text.encode("latin-1")
+    if b"=" in data:
+        data = data.replace(b"=", b"=3D")
+    return binascii.a2b_qp(data.translate(_PERCENT)).decode("latin-1")
+
+
+def normalise(raw_path: str) -> str:
     """nginx's `$uri` for a raw (still percent-encoded) path without its query."""
     if (
-        isinstance(raw_path, str)
-        and raw_path.startswith("/")
+        raw_path.startswith("/")
         and raw_path.isascii()
         and "%" not in raw_path
         and "//" not in raw_path
         and "/." not in raw_path
     ):
-        return raw_path  # the common case, without the bytes round trip below
-    raw = raw_path.encode("latin-1") if isinstance(raw_path, str) else raw_path
-    if not raw.startswith(b"/"):
+        return raw_path  # the common case: nothing to do
+    if not raw_path.startswith("/"):
         raise BadPath("path must start with '/'")
-    if b"%" not in raw and b"//" not in raw and b"/." not in raw:
-        return raw.decode("latin-1")  # the common case: nothing to do
-    decoded = _decode(raw)
-    parts = decoded.split(b"/")
-    out: list[bytes] = []
+    decoded = unescape(raw_path)
+    if "\x00" in decoded:
+        raise BadPath("NUL in path")
+    while "//" in decoded:
+        decoded = decoded.replace("//", "/")
+    if "/." not in decoded or _DOT_SEGMENT.search(decoded) is None:
+        return decoded
+    if decoded.count("/") > MAX_SEGMENTS:
+        raise BadPath(f"more than {MAX_SEGMENTS} segments with dot segments to resolve")
+    out: list[str] = []
     trailing = False
-    for seg in parts[1:]:
+    for seg in decoded.split("/")[1:]:
         trailing = False
-        if seg == b"" or seg == b".":
+        if seg == "" or seg == ".":
             trailing = True
             continue
-        if seg == b"..":
+        if seg == "..":
             if not out:
                 raise BadPath("'..' above the root")
             out.pop()
             trailing = True
             continue
         out.append(seg)
-    path = b"/" + b"/".join(out)
+    path = "/" + "/".join(out)
     if trailing and out:
-        path += b"/"
-    return path.decode("latin-1")
+        path += "/"
+    return path
+
+
+def normal_path(raw_path: str) -> str:
+    """The decoded path of a raw path already in the normal form authgate judges, or
+    BadPath saying why it is not: where the proxy forwards the raw path, an upstream that
+    resolves or decodes it itself must read the very path that was judged."""
+    if not raw_path.startswith("/"):
+        raise BadPath("path must start with '/'")
+    if "//" in raw_path:
+        raise BadPath("raw path not in normal form: repeated slashes")
+    if "/." in raw_path and _DOT_SEGMENT.search(raw_path) is not None:
+        raise BadPath("raw path not in normal form: a dot segment")
+    if "%" not in raw_path:
+        return raw_path
+    decoded = unescape(raw_path)
+    if "\x00" in decoded:
+        raise BadPath("NUL in path")
+    # Each escape of an unreserved character, '/' or '\' turns one character outside that
+    # set ('%') into one inside it: count the characters outside, before and after.
+    before = len(raw_path.encode("latin-1").translate(None, _UNRESERVED))
+    if before != len(decoded.encode("latin-1").translate(None, _UNRESERVED)):
+        raise BadPath(
+            "raw path not in normal form: an escaped '/', '\\' or unreserved character "
+            "(%2F, %2E, %73 ...)"
+        )
+    return decoded
 
 
 def encode(path: str) -> str:
-    """The normalised path, percent-encoded again so it reaches the upstream unchanged."""
-    if _PLAIN.fullmatch(path):  # the common case: nothing to escape
+    """The normalised path, percent-encoded again so it reaches the upstream unchanged.
+    In C: three bytes per byte, interleaved, then the NUL fillers dropped."""
+    data = path.encode("latin-1")
+    if not data.translate(None, _PLAIN):  # the common case: nothing to escape
         return path
-    return quote(path.encode("latin-1"), safe=_SAFE)
+    out = bytearray(3 * len(data))
+    out[0::3] = data.translate(_FIRST)
+    out[1::3] = data.translate(_HIGH)
+    out[2::3] = data.translate(_LOW)
+    return out.translate(None, b"\x00").decode("latin-1")
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -106,23 +154,3 @@ def split_uri(uri: str) -> tuple[str, str]:
     path, _, query = uri.partition("?")
     path = path.partition("#")[0]
     return path, query.partition("#")[0]
-
-
-def query_pairs(query: str) -> list[tuple[str, str, str]]:
-    """(decoded key, decoded value, raw pair) for every `&`-separated pair."""
-    out = []
-    for raw in query.split("&"):
-        if not raw:
-            continue
-        key, _, value = raw.partition("=")
-        if "%" not in raw and "+" not in raw and raw.isascii():
-            out.append((key, value, raw))  # nothing to decode (the common case)
-            continue
-        out.append(
-            (
-                unquote_to_bytes(key.replace("+", " ")).decode("latin-1"),
-                unquote_to_bytes(value.replace("+", " ")).decode("latin-1"),
-                raw,
-            )
-        )
-    return out

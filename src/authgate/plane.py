@@ -23,6 +23,7 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
+MAX_HEADERS = 100  # request headers; more are refused (431 by the server, 400 otherwise)
 
 
 @dataclass(slots=True)
@@ -33,7 +34,9 @@ class AuthRequest:
     client_ip: IPAddress | None
     candidates: dict[str, list[str]]  # source label -> values found
     fold: bool = False  # nginx dialect: 404/503 travel as 401/403 + headers
-    pairs: list[tuple[str, str, str]] = field(default_factory=list)
+    app_ids: list[str] = field(default_factory=list)  # the query's app_id values, decoded
+    forward_query: str = ""  # the query without its token parameters, for the upstream
+    raw_path: str = ""  # the raw path, when it was found in normal form (raw dialects)
 
 
 @dataclass(slots=True)

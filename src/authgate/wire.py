@@ -1,5 +1,8 @@
 """The wire encoding of answers: the only module that knows header lines and CRLF.
 
+Header names are sent in canonical case (`X-Org-Id`, `Content-Length`): ingress-nginx's
+Lua and Envoy's header allow-lists compare them case-sensitively.
+
 An allowed answer carries the identity headers (SPEC §2) and, for the data-plane server,
 its header lines already encoded (`Headers.encoded`); the lines many tokens share are
 encoded once. A denial is the JSON error body, or on the nginx dialects an empty 401/403
@@ -17,7 +20,7 @@ from .plane import Answer, Decision
 # Control characters but the tab: none may reach a response header (CR/LF would split it).
 _CONTROLS = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
 IDENTITY_BLOCKS = 4096  # identity header sets (shared by many tokens) kept encoded
-_LENGTH_0 = b"\r\ncontent-length: 0"
+_LENGTH_0 = b"\r\nContent-Length: 0"
 _BODIES: dict[str, bytes] = {}  # error bodies without details, made once per code
 
 
@@ -52,9 +55,9 @@ class AnswerWriter:
             *entry.headers,
             entry.user_header,
             entry.id_header,
-            (b"x-authgate-uri", uri),
-            (b"x-authgate-query", query),
-            (b"content-length", b"0"),
+            (b"X-Authgate-Uri", uri),
+            (b"X-Authgate-Query", query),
+            (b"Content-Length", b"0"),
         ]
         block = self._identity_block(entry.headers)
         (user_name, user), (id_name, token_id) = entry.user_header, entry.id_header
@@ -71,9 +74,9 @@ class AnswerWriter:
                 id_name,
                 b": ",
                 token_id,
-                b"\r\nx-authgate-uri: ",
+                b"\r\nX-Authgate-Uri: ",
                 uri,
-                b"\r\nx-authgate-query: ",
+                b"\r\nX-Authgate-Query: ",
                 query,
                 _LENGTH_0,
             )
@@ -87,9 +90,9 @@ class AnswerWriter:
         if not fold:
             return json_answer(decision.status, body)
         headers = [
-            (b"x-authgate-status", str(decision.status).encode()),
-            (b"x-authgate-error", body),
-            (b"content-length", b"0"),
+            (b"X-Authgate-Status", str(decision.status).encode()),
+            (b"X-Authgate-Error", body),
+            (b"Content-Length", b"0"),
         ]
         return (NGINX_FOLD[decision.status], headers, b"")
 
@@ -131,6 +134,6 @@ def _dump(decision: Decision) -> bytes:
 def json_answer(status: int, body: bytes) -> Answer:
     return (
         status,
-        [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        [(b"Content-Type", b"application/json"), (b"Content-Length", str(len(body)).encode())],
         body,
     )
