@@ -9,6 +9,7 @@ compared with that of the plain cached allowed request measured the same way.
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -187,8 +188,8 @@ async def test_no_request_costs_more_than_a_few_decisions(
 ) -> None:
     """The worst shapes found (long queries of escapes, long or deep paths, many headers,
     long forwarding chains) cost at most BOUND times a cached allowed decision's CPU,
-    allowed or refused. Both are measured in turns, five times, and the best of each
-    compared, so a busy machine slows both alike."""
+    allowed or refused. Both are measured in pairs, nine times, and the median ratio
+    compared, so a busy moment of the machine slows both sides of a ratio alike."""
     runtime = Runtime(settings_for(redis_url))
     try:
         token, _ = await create(runtime)
@@ -202,12 +203,15 @@ async def test_no_request_costs_more_than_a_few_decisions(
             assert conn.sink.last.startswith(b"HTTP/1.1 %d " % want), conn.sink.last[:300]
         base = Connection(runtime)
         conn = Connection(runtime)
-        baseline = cost = float("inf")
-        for _ in range(5):
-            baseline = min(baseline, await base.cpu(plain, 1000))
-            cost = min(cost, await conn.cpu(shaped, 200))
+        ratios, costs = [], []
+        for _ in range(9):  # in pairs, so a busy moment slows both sides of a ratio
+            baseline = await base.cpu(plain, 500)
+            cost = await conn.cpu(shaped, 100)
+            ratios.append(cost / baseline)
+            costs.append((cost, baseline))
     finally:
         await runtime.stop()
-    ratio = cost / baseline
-    print(f"{ratio:.2f}x ({cost * 1e6:.1f} us against {baseline * 1e6:.1f} us)")
+    ratio = statistics.median(ratios)
+    cost, baseline = min(costs)
+    print(f"{ratio:.2f}x (best {cost * 1e6:.1f} us against {baseline * 1e6:.1f} us)")
     assert ratio <= BOUND, f"{ratio:.1f}x a cached allowed decision"

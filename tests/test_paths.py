@@ -3,12 +3,13 @@ a System API without `admin` or another org's API."""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote, unquote_to_bytes
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 
 from authgate.authorizer import match_route
 from authgate.config import load_settings
-from authgate.paths import BadPath, normalise, split_uri
+from authgate.paths import BadPath, encode, normal_path, normalise, split_uri, unescape
 from tests.conftest import PEPPER, free_port, wait_for_port
 
 PIECES = st.sampled_from(
@@ -185,3 +186,57 @@ def raw_get(base: str, raw_path: str) -> tuple[int, bytes]:
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     return int(head.split()[1]), body
+
+
+# -- C-level decoding and encoding, against the standard library ------------------------------
+ESCAPED = st.text(alphabet="%%%=&;+/.-_~aAfF09zZ\xe9\\ ", max_size=24)
+
+
+@settings(max_examples=500)
+@given(ESCAPED)
+def test_unescape_matches_urllib(text: str) -> None:
+    """`unescape` (binascii, in C) decodes exactly as urllib does, and refuses exactly the
+    texts with a '%' that starts no escape."""
+    broken = re.search(r"%(?![0-9A-Fa-f]{2})", text) is not None
+    if broken:
+        with pytest.raises(BadPath):
+            unescape(text)
+    else:
+        assert unescape(text) == unquote_to_bytes(text.encode("latin-1")).decode("latin-1")
+
+
+@settings(max_examples=500)
+@given(st.text(alphabet=st.characters(max_codepoint=255), max_size=24))
+def test_encode_matches_urllib_quote(path: str) -> None:
+    """`encode` (translate and interleave, in C) escapes exactly what urllib's quote does."""
+    assert encode(path) == quote(path.encode("latin-1"), safe="/-._~!$&'()*+,;=:@")
+
+
+UNRESERVED = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/\\")
+
+
+@settings(max_examples=500)
+@given(paths)
+def test_normal_path_accepts_exactly_the_normal_form(raw: str) -> None:
+    """A raw path is accepted as normal exactly when it has no repeated slash, no dot
+    segment and no escape of an unreserved character, '/' or '\\'; then it decodes to
+    nginx's $uri of it, so an upstream that resolves or decodes it itself reads the path
+    that was judged."""
+    segments = raw.split("/")[1:]
+    escapes = re.findall(r"%([0-9A-Fa-f]{2})", raw)
+    normal = (
+        "//" not in raw
+        and not any(s in (".", "..") for s in segments)
+        and not any(chr(int(e, 16)) in UNRESERVED for e in escapes)
+    )
+    try:
+        want = normalise(raw)
+    except BadPath:
+        with pytest.raises(BadPath):
+            normal_path(raw)
+        return
+    if normal:
+        assert normal_path(raw) == want
+    else:
+        with pytest.raises(BadPath):
+            normal_path(raw)

@@ -28,8 +28,11 @@ _RAW = bytes.maketrans(b"&;=%+", b"\x01\x02\x03= ")
 _UPPER = bytes(range(0x41, 0x5B))
 _VIEW = bytes.maketrans(b"&;=\x01\x02\x03.-" + _UPPER, b"\x04\x04\x04&&=__" + _UPPER.lower())
 _FOLD = str.maketrans({";": "&", ".": "_", "-": "_"})  # a name as the view spells it
-_LEADING_SPACES = re.compile(r"& +")
-_KEY_ENDS = "=&[\x00 "  # what may follow a name at the end of a key
+_LEADING_SPACES = re.compile(rb"& +")
+_APP_MARKER = "&" + APP_ID
+_FOLDED = b"%+;[ .-"  # a query without these spells a name only in another letter case
+_SPELLED = "query: a key that some parsers read as app_id or a token parameter"
+_KEY_ENDS = b"=&[\x00 "  # what may follow a name at the end of a key
 
 
 class QueryReader:
@@ -45,80 +48,124 @@ class QueryReader:
         self.strict = strict
         self.max_pairs = max_pairs
         self.names = [*tokens, APP_ID]
+        # ("&name", source label or None for app_id), for str.find on "&" + query
+        self._markers = [("&" + n, tokens.get(n)) for n in self.names]
+        self._token_markers = [("&" + n, label) for n, label in tokens.items()]
+        # The app_id values of recent token-free remainders of queries (no escapes).
+        self._seen: dict[str, tuple[str, ...]] = {}
         # The first letters of each name, lower-case: no key can fold to it without them;
         # and each name as the folded view can spell it (its '_' also as ' ' or '['),
         # grouped by those letters.
         self._stems = {re.split(r"[_.\-]", n.lower())[0] for n in self.names}
         spellings = {v for n in self.names for v in _spellings(n.lower().translate(_FOLD))}
         self._spellings = {
-            "&" + stem: sorted("&" + v for v in spellings if v.startswith(stem))
+            b"&" + stem.encode(): sorted(b"&" + v.encode() for v in spellings if v.startswith(stem))
             for stem in self._stems
         }
+        self._lower_markers = [m.encode() for m, _ in self._markers]
 
     def read(self, query: str, token: str | None) -> tuple[list[str], dict[str, list[str]], str]:
         """(app_id values, token values by source label, the query without its token
         pairs), values decoded. `token`: the one a header carries, if any. Raises
         BadRequest when the query cannot be read safely, or carries the token anywhere
         but in its own parameters (`x=pwt=…`, `??pwt=`, an encoded copy), where it would
-        reach the upstream and the logs."""
+        reach the upstream and the logs.
+
+        The token pairs are cut out first; what remains holds no token and is read once
+        for app_id and other spellings, and remembered (when short and without escapes)."""
         if query.count("&") + query.count(";") >= self.max_pairs:
             raise BadRequest(f"query: more than {self.max_pairs} pairs")
-        escaped = "%" in query
-        if not escaped and token is None:
-            lowered = query.lower()
-            if not any(stem in lowered for stem in self._stems):
-                return [], {}, query  # no key can name app_id or a token parameter
         raw = "&" + query
-        apps: list[str] = []
         found: dict[str, list[str]] = {}
-        cuts: list[tuple[int, int]] = []  # token pairs, as slices of `raw`
-        exact = 0
-        for name in self.names:
-            marker = "&" + name
-            if marker not in raw:
+        rest = raw
+        for marker, label in self._token_markers:
+            at = rest.find(marker)
+            if at == -1:
                 continue
-            if raw.count(marker) > MAX_FOUND:
-                raise BadRequest(f"query: more than {MAX_FOUND} keys starting {name!r}")
-            at = raw.find(marker)
+            kept: list[str] = []
+            last = seen = 0
             while at != -1:
+                seen += 1
+                if seen > MAX_FOUND:
+                    raise BadRequest(f"query: more than {MAX_FOUND} keys starting {marker[1:]!r}")
                 start = at + len(marker)
-                if start == len(raw) or raw[start] in "=&":
-                    end = raw.find("&", start)
-                    end = len(raw) if end == -1 else end
-                    value = _value(raw[start + 1 : end])
-                    exact += 1
-                    if name == APP_ID:
-                        apps.append(value)
-                    else:
-                        cuts.append((at, end))
-                        if value := value.strip():
-                            found.setdefault(self.tokens[name], []).append(value)
-                at = raw.find(marker, start)
-        decoded, view = _views(query)
-        if self.strict and self._spelled(view) > exact:
-            raise BadRequest("query: a key that some parsers read as app_id or a token parameter")
+                if start == len(rest) or rest[start] in "=&":
+                    end = rest.find("&", start)
+                    if end == -1:
+                        end = len(rest)
+                    value = rest[start + 1 : end]
+                    if "%" in value or "+" in value or len(value) > MAX_VALUE:
+                        value = _value(value)
+                    if value := value.strip():
+                        found.setdefault(label, []).append(value)
+                    kept.append(rest[last:at])
+                    last = end
+                    at = rest.find(marker, end)
+                else:
+                    at = rest.find(marker, start)
+            if kept:
+                kept.append(rest[last:])
+                rest = "".join(kept)
         if token is None and found:
             token = next(iter(found.values()))[0]
-        if token is not None and len(token) >= 24:  # shorter ones are refused anyway
-            expected = sum(values.count(token) for values in found.values())
-            if query.count(token) > expected or (
-                escaped and decoded.count(token.encode("latin-1")) > expected
-            ):
-                raise BadRequest("query: the token appears outside its own parameter")
-        if cuts:
-            kept, last = [], 0
-            for start, end in cuts:
-                kept.append(raw[last:start])
-                last = end
-            kept.append(raw[last:])
-            query = "".join(kept).lstrip("&")
-        return apps, found, query
+        checked = token is not None and len(token) >= 24  # shorter ones are refused anyway
+        if token is not None and checked and token in rest:
+            raise BadRequest("query: the token appears outside its own parameter")
+        if not rest:
+            return [], found, ""
+        escaped = "%" in rest
+        # Remembered only when it provably holds no token (checked, no escapes).
+        cacheable = checked and not escaped and len(rest) <= 256
+        apps = self._seen.get(rest) if cacheable else None
+        if apps is None:
+            apps, decoded = self._rest(rest, escaped)
+            if cacheable:
+                if len(self._seen) >= 4096:
+                    self._seen.clear()
+                self._seen[rest] = apps
+            if escaped and checked and token is not None:
+                if decoded is None:
+                    decoded = _views(rest[1:])[0]
+                if token.encode("latin-1") in decoded:
+                    raise BadRequest("query: the token appears outside its own parameter")
+        return list(apps), found, rest[1:]
 
-    def _spelled(self, view: str) -> int:
+    def _rest(self, rest: str, escaped: bool) -> tuple[tuple[str, ...], bytes | None]:
+        """The app_id values of "&" + a query without token pairs, and that query decoded
+        when it had to be; BadRequest (strict) when a key spells app_id or a token
+        parameter otherwise than exactly."""
+        apps: list[str] = []
+        at = rest.find(_APP_MARKER)
+        seen = 0
+        while at != -1:
+            seen += 1
+            if seen > MAX_FOUND:
+                raise BadRequest(f"query: more than {MAX_FOUND} keys starting {APP_ID!r}")
+            start = at + len(_APP_MARKER)
+            if start == len(rest) or rest[start] in "=&":
+                end = rest.find("&", start)
+                if end == -1:
+                    end = len(rest)
+                apps.append(_value(rest[start + 1 : end]))
+            at = rest.find(_APP_MARKER, start)
+        decoded = None
+        if self.strict:
+            data = rest.encode("latin-1")
+            if escaped or len(data.translate(None, _FOLDED)) != len(data):  # '+', ';', '.' …
+                decoded, view = _views(rest[1:])
+            else:  # only letter case can spell a name otherwise: look closer if it does
+                view = data.lower()
+                if not any(m in view for m in self._lower_markers):
+                    return tuple(apps), None
+            if self._spelled(view) > len(apps):
+                raise BadRequest(_SPELLED)
+        return tuple(apps), decoded
+
+    def _spelled(self, view: bytes) -> int:
         """How many keys of the query's folded view (`_views`) a common parser reads as
         one of the names, the exact ones included."""
-        if "& " in view:
-            view = _LEADING_SPACES.sub("&", view)
+        if b" " in view and b"& " in view:
+            view = _LEADING_SPACES.sub(b"&", view)
         count = 0
         for stem, spellings in self._spellings.items():
             if stem not in view:
@@ -132,19 +179,19 @@ class QueryReader:
                 at = view.find(key)
                 while at != -1:
                     after = at + len(key)
-                    count += after == len(view) or view[after] in _KEY_ENDS
+                    count += after == len(view) or view[after : after + 1] in _KEY_ENDS
                     at = view.find(key, after)
         return count
 
 
-def _views(query: str) -> tuple[bytes, str]:
+def _views(query: str) -> tuple[bytes, bytes]:
     """The query decoded once as form data ('+' a space), and its folded view: decoded,
     lower-case, '.' and '-' as '_', pairs split on '&' and ';', keys ended by '=', where
     decoded '&', ';' and '=' (from %26, %3B, %3D) split nothing. In C: the separators
     become control bytes and '%' becomes '=' for binascii's quoted-printable decoder,
     which reads `=XX`; a '%' that is no escape reads as a plain character."""
     decoded = binascii.a2b_qp(query.encode("latin-1").translate(_RAW))
-    return decoded, "&" + decoded.translate(_VIEW).decode("latin-1")
+    return decoded, b"&" + decoded.translate(_VIEW)
 
 
 def _spellings(name: str) -> list[str]:

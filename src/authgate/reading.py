@@ -40,7 +40,8 @@ def path_rule_broken(path: str, rules: Reading) -> str | None:
     if rules.backslashes and "\\" in path:
         return "backslashes"
     if rules.trailing_dots and (
-        "./" in path or " /" in path or path.endswith(".") or path.endswith(" ")
+        ("." in path and ("./" in path or path.endswith(".")))
+        or (" " in path and (" /" in path or path.endswith(" ")))
     ):
         return "trailing_dots"
     if rules.double_encoding and "%" in path:
