@@ -566,6 +566,12 @@ def test_cursor_is_bound_to_its_listing(gates: tuple[AuthgateProcess, AuthgatePr
         resp = call(a, "GET", f"/v1/tokens?{query}", root)
         assert resp.status_code == 422, (query, resp.text)
         assert error_of(resp)["details"]["field"] == "cursor"
+    for i, char in enumerate(cursor):  # any one character changed, anywhere
+        if char == ".":
+            continue
+        changed = cursor[:i] + ("A" if char != "A" else "B") + cursor[i + 1 :]
+        resp = call(a, "GET", f"/v1/tokens?limit=2&org=acme&cursor={changed}", root)
+        assert resp.status_code == 422, (i, resp.text)
     foreign = call(a, "GET", f"/v1/tokens?limit=2&org=acme&cursor={cursor}", other)
     assert foreign.status_code == 422 and error_of(foreign)["details"]["field"] == "cursor"
     for bad in ("0", "1001", "-1", "ten", "99999999999"):
