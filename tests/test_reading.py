@@ -584,3 +584,51 @@ async def test_too_many_headers_are_refused(redis_url: str) -> None:
         headers = [("X-Original-URI", uri), ("X-Power-Token", token), *many]
         r = await client.get("/auth", headers=headers)
     assert r.headers["x-authgate-status"] == "400"
+
+
+@pytest.mark.parametrize(
+    ("path", "route", "variant"),
+    [
+        pytest.param("/a/x/y/Assets/1", True, False, id="exact"),
+        pytest.param("/a/x/y/assets/1", False, True, id="lower-case-of-a-capital"),
+        pytest.param("/A/x/y/Assets/1", False, True, id="upper-case-of-a-small"),
+        pytest.param("/a/x/y/other", False, False, id="inside-the-area-only"),
+    ],
+)
+def test_case_variants_of_a_prefix_with_capitals(path: str, route: bool, variant: bool) -> None:
+    """A configured prefix with capitals is matched exactly; its other spellings are case
+    variants (refused), whatever the letter case of the path."""
+    from authgate.authorizer import RouteTable
+    from authgate.config import make_route
+
+    table = RouteTable((make_route("scoped", "/a/{org}/{project}/Assets", ()),))
+    found = table.lookup(path)
+    assert (found.route is not None, found.case_variant) == (route, variant)
+
+
+async def test_explain_reads_the_uri_as_the_data_plane_does(redis_url: str) -> None:
+    """`authgate explain` applies the same rules: a case variant is BAD_REQUEST, a path in
+    a protected area that no route binds is SCOPE_MISMATCH and says so."""
+    from authgate.explain import explain
+
+    async with running(settings_for(redis_url)) as (runtime, _):
+        token = await app1(runtime)
+        refused = await explain(
+            runtime.store,
+            method="GET",
+            uri="/minimal/api/SYSTEM/x",
+            token=token,
+            token_id=None,
+            ip=None,
+        )
+        area = await explain(
+            runtime.store,
+            method="GET",
+            uri="/minimal/api/rest/v2/acme/tunes/x",
+            token=token,
+            token_id=None,
+            ip=None,
+        )
+    assert (refused["status"], refused["code"]) == (400, "BAD_REQUEST")
+    assert (area["code"], area["check"]) == ("SCOPE_MISMATCH", 8)
+    assert area["route"] == "none, inside a protected area"

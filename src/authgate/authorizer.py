@@ -287,6 +287,10 @@ class RouteTable:
             if route.area is not None:
                 self._add(None, route.area, re.escape(route.area) + r"(?:/|\Z)")
         self._seen: dict[str, Match] = {}
+        # With every prefix in lower case, an ASCII path without capitals cannot match one
+        # only when case is ignored: no case-blind pass then.
+        spelled = [r.prefix for r in routes] + [r.area for r in routes if r.area is not None]
+        self._lower = all(p == p.lower() for p in spelled)
 
     def _add(self, route: Route | None, head: str, pattern: str) -> None:
         exact = re.compile(pattern)
@@ -311,6 +315,13 @@ class RouteTable:
         return found
 
     def _lookup(self, path: str) -> Match:
+        if self._lower and path.isascii() and path == path.lower():
+            for route, head, _, exact, _ in self._routes:
+                if path.startswith(head):
+                    m = exact.match(path)
+                    if m is not None:
+                        return Match(route, m.groupdict()) if route else Match(None, {}, True)
+            return _NO_MATCH
         view = path
         if not path.isascii():  # as a Unicode-aware upstream reads it (long s is s)
             try:

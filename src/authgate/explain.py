@@ -56,7 +56,8 @@ async def explain(
         }
     client_ip = ipaddress.ip_address(ip) if ip else None
     req = AuthRequest(method.upper(), path, query, client_ip, {}, False, apps)
-    route = authorizer.routes.match(path)[0]
+    found = authorizer.routes.lookup(path)
+    route = found.route
     decision: Decision
     if token is not None:
         req.candidates = {s.label: [token] for s in settings.token_sources}
@@ -75,7 +76,11 @@ async def explain(
         "check": decision.check,
         "details": decision.details,
         "token_id": entry.id if entry else token_id,
-        "route": f"{route.cls} {route.prefix}" if route else "default (no route matched)",
+        "route": f"{route.cls} {route.prefix}"
+        if route
+        else "none, inside a protected area"
+        if found.area
+        else "default (no route matched)",
         "path": path,
         "client_ip": ip,
     }
