@@ -943,9 +943,13 @@ def test_anonymous_denials_cannot_flush_the_audit_stream(redis_url: str) -> None
     """Callers without a recognised management token are audited up to a burst and then at a
     steady rate per worker; the rest are counted in /metrics, and the next denial written
     says how many were left out. Lifecycle events stay in the capped stream."""
-    from authgate.admin import ANONYMOUS_AUDIT_BURST, ANONYMOUS_AUDIT_RATE
     from tests.cluster_harness import metric
 
+    defaults = load_settings(base_env(redis_url))
+    ANONYMOUS_AUDIT_BURST, ANONYMOUS_AUDIT_RATE = (
+        defaults.admin_audit_burst,
+        defaults.admin_audit_rate,
+    )
     ag = start_authgate({**base_env(redis_url), "AUTHGATE_AUDIT_MAXLEN": "150"}, admin=True)
     try:
         created = mint(ag.env)  # a lifecycle event, first in the stream

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 import redis
 
 from tests.conftest import AuthgateProcess, run_cli
@@ -253,3 +254,88 @@ def test_explain_names_the_deciding_check(cli_env: dict[str, str]) -> None:
     )
     assert "INSUFFICIENT_KEY_TYPE" in by_value.stdout and "check 9" in by_value.stdout
     assert made["token"] not in by_value.stdout
+
+
+def test_bootstrap_and_tenant_management_tokens(cli_env: dict[str, str]) -> None:
+    """The CLI bootstraps with --org '*' --project '*'; '*' is refused for a query token."""
+    root = create(cli_env, "--kind", "management", "--key-type", "rwd")
+    assert (root["org"], root["project"]) == ("acme", "tunes")
+    wide = json.loads(
+        run_cli(
+            cli_env, "token", "create", "--kind", "management", "--key-type", "rwd",
+            "--name", "bootstrap", "--org", "*", "--project", "*", "--json",
+        ).stdout
+    )  # fmt: skip
+    assert (wide["org"], wide["project"], wide["kind"]) == ("*", "*", "management")
+    refused = run_cli(
+        cli_env, "token", "create", "--key-type", "r--", "--name", "q", "--org", "*",
+        "--project", "*", check=False,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "management tokens only" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [
+        pytest.param(["create", "--name", "x", "--org", "a", "--project", "b", "--key-type",
+                      "r--", "--expires-in", "30"], "30s, 30h or 30d", id="expires-in-bare"),
+        pytest.param(["rotate", "tok_01ARZ3NDEKTSV4RRFFQ69G5FAV", "--grace", "24"],
+                     "24s, 24h or 24d", id="grace-bare"),
+        pytest.param(["update", "tok_01ARZ3NDEKTSV4RRFFQ69G5FAV", "--expires-in", "7"],
+                     "7s, 7h or 7d", id="update-bare"),
+        pytest.param(["show", "min_8Hoi"], "starts with tok_", id="display-prefix"),
+        pytest.param(["revoke", "min_8HoiAAAA"], "starts with tok_", id="value-like"),
+        pytest.param(["create", "--name", "x", "--org", "a", "--project", "b", "--key-type",
+                      "r--", "--expires-at", "2030-01-01T00:00:00"], "zone", id="no-zone"),
+        pytest.param(["usage", "tok_01ARZ3NDEKTSV4RRFFQ69G5FAV", "--days", "91"], "--days",
+                     id="days"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_durations_without_units_and_non_ids(
+    cli_env: dict[str, str], args: list[str], hint: str
+) -> None:
+    """Every duration needs a unit (`--expires-in 30`, `--grace 24` are refused with a hint);
+    a display prefix where an id belongs is told what an id is; nothing is written."""
+    proc = run_cli(cli_env, "token", *args, check=False)
+    assert proc.returncode == 2, proc
+    assert hint in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert redis.Redis.from_url(cli_env["AUTHGATE_REDIS_URL"]).dbsize() == 0
+
+
+def test_update_disable_enable_and_expiry_through_auth(
+    cli_env: dict[str, str], authgate_server: AuthgateProcess
+) -> None:
+    """`token update` changes attributes; --disable makes /auth answer 403 TOKEN_DISABLED
+    at once, --enable lets it back in; --expires-at, --expires-in and --no-expiry set and
+    clear the expiry; `token list` shows status and expiry."""
+    made = create(cli_env, "--key-type", "r--")
+    token, token_id = made["token"], made["id"]
+    assert ask(authgate_server, token).status_code == 200
+
+    def update(*extra: str) -> dict[str, Any]:
+        out = run_cli(cli_env, "token", "update", token_id, *extra, "--json")
+        data: dict[str, Any] = json.loads(out.stdout)
+        return data
+
+    assert update("--disable")["status"] == "disabled"
+    denied = ask(authgate_server, token)
+    assert denied.status_code == 403
+    assert json.loads(denied.headers["x-authgate-error"])["error"]["code"] == "TOKEN_DISABLED"
+    listing = run_cli(cli_env, "token", "list").stdout
+    assert "disabled" in listing and "never" in listing
+    why = run_cli(cli_env, "explain", "--uri", SCOPED, "--id", token_id, check=False)
+    assert why.returncode == 3 and "TOKEN_DISABLED" in why.stdout and "6b" in why.stdout
+    assert update("--enable")["status"] == "active"
+    assert ask(authgate_server, token).status_code == 200
+    dated = update("--expires-at", "2030-01-31T12:00:00+01:00", "--name", "renamed")
+    assert dated["expires_at"] == "2030-01-31T11:00:00.000Z" and dated["name"] == "renamed"
+    assert "2030-01-31 11:00" in run_cli(cli_env, "token", "list").stdout
+    assert update("--expires-in", "2d")["expires_at"].startswith("20")
+    assert update("--no-expiry")["expires_at"] is None
+    assert update("--ip", "10.0.0.0/8,192.0.2.1")["ip_allowlist"] == ["10.0.0.0/8", "192.0.2.1/32"]
+    assert update("--ip", "")["ip_allowlist"] == []
+    nothing = run_cli(cli_env, "token", "update", token_id, check=False)
+    assert nothing.returncode == 2 and "nothing to change" in nothing.stderr
+    events = json.loads(run_cli(cli_env, "audit", "--json").stdout)
+    assert events[0]["action"] == "update" and events[0]["detail"]["fields"] == ["ip_allowlist"]

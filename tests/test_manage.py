@@ -8,6 +8,7 @@ where only the invalidation channel can have told it. /auth is asked as Traefik 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -180,6 +181,34 @@ def test_list_shows_only_the_callers_tenancy(
     assert ids(space_admin) == {acme_space["id"], space_admin_id}
 
 
+def test_a_tenant_reads_only_its_own_audit_events(
+    gates: tuple[AuthgateProcess, AuthgateProcess],
+) -> None:
+    """The audit read by a tenant holds the events of its own tokens and its own failed
+    calls; another tenant's ids and unrecognised callers' denials are not in it. The
+    environment-wide token reads everything."""
+    a, _ = gates
+    root, _ = mint(a.env)
+    acme_admin, acme_admin_id = mint(a.env, org="acme", project="*")
+    mine = create(a, acme_admin)
+    theirs = create(a, root, **GLOBEX)
+    call(a, "POST", f"/v1/tokens/{theirs['id']}/revoke", root)
+    call(a, "GET", "/v1/tokens?limit=0", acme_admin)  # rejected: acme's own failure
+    call(a, "GET", "/v1/tokens", "min_" + "Z" * 38)  # denied: nobody known
+    seen = call(a, "GET", "/v1/audit?count=100", acme_admin)
+    assert seen.status_code == 200
+    conforms(seen.json(), "AuditList")
+    events = seen.json()["events"]
+    assert theirs["id"] not in seen.text and "anonymous" not in seen.text
+    assert all(
+        (e["scope"] or {}).get("org") == "acme" or e["actor"] == acme_admin_id for e in events
+    )
+    assert ("create", mine["id"]) in {(e["action"], e["token_id"]) for e in events}
+    assert any(e["action"] == "rejected" and e["actor"] == acme_admin_id for e in events)
+    everything = call(a, "GET", "/v1/audit?count=100", root).text
+    assert theirs["id"] in everything and "anonymous" in everything
+
+
 @pytest.mark.parametrize(
     ("spec", "field"),
     [
@@ -349,6 +378,22 @@ def test_every_change_is_enforced_by_another_instance_within_100_ms(
     assert len(updates) == 11 and all(e["actor"] == root_id for e in updates)
 
 
+def test_a_disabled_management_token_is_refused_until_enabled(
+    gates: tuple[AuthgateProcess, AuthgateProcess],
+) -> None:
+    """A management token disabled by another is refused on the API (403 TOKEN_DISABLED)
+    and works again once enabled."""
+    a, _ = gates
+    root, _ = mint(a.env)
+    ops, ops_id = mint(a.env, org="acme", project="*")
+    assert call(a, "GET", "/v1/tokens", ops).status_code == 200
+    call(a, "PATCH", f"/v1/tokens/{ops_id}", root, json={"enabled": False})
+    refused = call(a, "GET", "/v1/tokens", ops)
+    assert refused.status_code == 403 and error_of(refused)["code"] == "TOKEN_DISABLED"
+    call(a, "PATCH", f"/v1/tokens/{ops_id}", root, json={"enabled": True})
+    assert call(a, "GET", "/v1/tokens", ops).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("body", "status", "field"),
     [
@@ -460,11 +505,16 @@ def test_cursor_walks_every_token_once_while_tokens_come_and_go(
     stop = threading.Event()
     extra: list[str] = []
 
+    churner, churner_id = mint(a.env)  # its own audit budget; it backs off when that is spent
+
     def churn() -> None:
         while not stop.is_set():
-            made = call(a, "POST", "/v1/tokens", root, json={**ACME, "name": "new"})
+            made = call(a, "POST", "/v1/tokens", churner, json={**ACME, "name": "new"})
+            if made.status_code == 429:
+                time.sleep(0.1)
+                continue
             extra.append(made.json()["id"])
-            call(a, "DELETE", f"/v1/tokens/{extra[-1]}", root)
+            call(a, "DELETE", f"/v1/tokens/{extra[-1]}", churner)
 
     def between(page: int) -> None:
         for token_id in list(doomed)[page - 1 :: 6]:
@@ -481,7 +531,7 @@ def test_cursor_walks_every_token_once_while_tokens_come_and_go(
     assert len(seen) == len(set(seen)), "a token was returned twice"
     kept = [t for t in order if t not in doomed]
     assert [t for t in seen if t in set(kept)] == kept, "a token was skipped or out of order"
-    assert set(seen) <= {*order, *extra, *_names(a, root, "during")}
+    assert set(seen) <= {*order, *extra, churner_id, *_names(a, root, "during")}
     assert walk(a, root, "limit=1000") == [t for t in walk(a, root, "limit=3")]
 
 
@@ -516,6 +566,12 @@ def test_cursor_is_bound_to_its_listing(gates: tuple[AuthgateProcess, AuthgatePr
         resp = call(a, "GET", f"/v1/tokens?{query}", root)
         assert resp.status_code == 422, (query, resp.text)
         assert error_of(resp)["details"]["field"] == "cursor"
+    for i, char in enumerate(cursor):  # any one character changed, anywhere
+        if char == ".":
+            continue
+        changed = cursor[:i] + ("A" if char != "A" else "B") + cursor[i + 1 :]
+        resp = call(a, "GET", f"/v1/tokens?limit=2&org=acme&cursor={changed}", root)
+        assert resp.status_code == 422, (i, resp.text)
     foreign = call(a, "GET", f"/v1/tokens?limit=2&org=acme&cursor={cursor}", other)
     assert foreign.status_code == 422 and error_of(foreign)["details"]["field"] == "cursor"
     for bad in ("0", "1001", "-1", "ten", "99999999999"):
@@ -624,7 +680,6 @@ def test_usage_history_memory_per_token(
     a, _ = gates
     root, _ = mint(a.env)
     made = create(a, root)
-    import asyncio
 
     async def fill() -> None:
         settings = load_settings(a.env)
@@ -650,3 +705,154 @@ def test_usage_history_memory_per_token(
         assert (client.memory_usage(keys[0]) or 0) < 1024
     finally:
         client.close()
+
+
+# -- the audit budget ------------------------------------------------------------------------
+def _in_process(redis_url: str, calls: Any, **env: str) -> Any:
+    """Run `await calls(http, metrics)` against the management app in this process, with
+    the given settings, on the real Valkey."""
+    from authgate.admin import create_admin_app
+    from authgate.backend import connect
+    from authgate.config import load_settings
+    from authgate.metrics import Metrics
+    from authgate.store import TokenStore
+
+    settings = load_settings(base_env(redis_url, **env))
+
+    async def go() -> Any:
+        client = connect(settings.redis_url, 2.0)
+        metrics = Metrics()
+        app = create_admin_app(TokenStore(client, settings), settings, metrics)
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://admin") as http:
+                return await calls(http, metrics)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+def _suppressed(metrics: Any) -> float:
+    value = metrics.registry.get_sample_value("authgate_admin_audit_suppressed_total")
+    return float(value or 0)
+
+
+BUDGET = {"AUTHGATE_ADMIN_AUDIT_BURST": "5", "AUTHGATE_ADMIN_AUDIT_RATE": "1"}
+
+
+def test_no_caller_writes_audit_events_faster_than_its_budget(redis_url: str) -> None:
+    """A known management token whose calls keep failing (denied, rejected) gets its budget
+    of events (burst, then the rate), the rest are counted as suppressed and the next event
+    written says how many; another caller's budget is its own; reads write no event."""
+    env = base_env(redis_url)
+    reader, reader_id = mint(env, key_type="r--")
+    other, other_id = mint(env, key_type="r--")
+
+    async def calls(http: httpx.AsyncClient, metrics: Any) -> tuple[float, float, float]:
+        started = time.monotonic()
+        for i in range(40):
+            if i % 2:
+                r = await http.delete("/v1/tokens/tok_01ARZ3NDEKTSV4RRFFQ69G5FAV",
+                                      headers={"X-API-Key": reader})  # fmt: skip
+                assert r.status_code == 403
+            else:
+                r = await http.get("/v1/tokens?limit=0", headers={"X-API-Key": reader})
+                assert r.status_code == 422
+        for _ in range(30):
+            assert (await http.get("/v1/tokens", headers={"X-API-Key": reader})).status_code == 200
+            assert (await http.get("/v1/audit", headers={"X-API-Key": reader})).status_code == 200
+        elapsed = time.monotonic() - started
+        suppressed = _suppressed(metrics)
+        r = await http.get("/v1/tokens?limit=0", headers={"X-API-Key": other})
+        assert r.status_code == 422
+        await asyncio.sleep(1.1)
+        r = await http.get("/v1/tokens?limit=0", headers={"X-API-Key": reader})
+        return elapsed, suppressed, _suppressed(metrics)
+
+    elapsed, suppressed, after = _in_process(redis_url, calls, **BUDGET)
+    events = [e for e in raw_audit(redis_url) if e["actor"] == reader_id]
+    assert {e["action"] for e in events} == {"denied", "rejected"}, "reads wrote events"
+    written_first = len(events) - 1
+    assert 5 <= written_first <= 5 + elapsed * 1 + 1
+    assert suppressed == 40 - written_first and after == suppressed
+    last = events[-1]
+    assert '"suppressed_before":' in last["detail"]
+    assert int(last["detail"].split('"suppressed_before":')[1].split(",")[0].rstrip("}")) == (
+        suppressed
+    )
+    assert [e["actor"] for e in raw_audit(redis_url)].count(other_id) == 1
+
+
+def test_changes_over_the_budget_are_refused_not_left_unaudited(redis_url: str) -> None:
+    """A writer creating tokens faster than its budget gets 429 RATE_LIMITED with
+    Retry-After once it is spent; every token that was made has its audit event."""
+    env = base_env(redis_url)
+    writer, writer_id = mint(env)
+
+    async def calls(http: httpx.AsyncClient, metrics: Any) -> list[httpx.Response]:
+        out = []
+        for i in range(12):
+            out.append(await http.post("/v1/tokens", headers={"X-API-Key": writer},
+                                       json={**ACME, "name": f"n{i}"}))  # fmt: skip
+        return out
+
+    answers = _in_process(redis_url, calls, **BUDGET)
+    made = [r for r in answers if r.status_code == 201]
+    limited = [r for r in answers if r.status_code == 429]
+    assert len(made) + len(limited) == 12
+    assert 5 <= len(made) <= 7 and limited
+    error = limited[0].json()["error"]
+    assert error["code"] == "RATE_LIMITED" and int(limited[0].headers["retry-after"]) >= 1
+    creates = [e for e in raw_audit(redis_url) if e["action"] == "create"]
+    assert {e["token_id"] for e in creates if e["actor"] == writer_id} == {
+        r.json()["id"] for r in made
+    }
+
+
+def test_pages_go_on_past_sparse_matches_and_equal_creation_times(redis_url: str) -> None:
+    """Store level: with few matches among many tokens a call looks at no more than
+    `scan_most` ids and hands back a position to go on from; tokens sharing one creation
+    time (as a bulk import writes them) are each returned once."""
+    from authgate.backend import connect
+    from authgate.config import load_settings
+    from authgate.store import TokenStore
+
+    settings = load_settings(base_env(redis_url))
+
+    async def go() -> tuple[list[str], list[int], list[str], list[str]]:
+        client = connect(settings.redis_url, 2.0)
+        store = TokenStore(client, settings)
+        try:
+            made = [(await store.create({**ACME, "name": f"t{i:02d}"}, "test"))[1]["id"]
+                    for i in range(30)]  # fmt: skip
+            # The first ten share one score, as tokens inserted in bulk can.
+            await client.zadd(store.ids_key, dict.fromkeys(made[:10], 1_700_000_000.0))
+            wanted = set(made[::4])
+            seen: list[str] = []
+            sizes: list[int] = []
+            position = None
+            while True:
+                page, position = await store.page(
+                    after=position, limit=3, keep=lambda r: r["id"] in wanted, scan_most=5
+                )
+                seen.extend(v["id"] for v in page)
+                sizes.append(len(page))
+                if position is None:
+                    break
+            every: list[str] = []
+            position = None
+            while True:
+                page, position = await store.page(after=position, limit=2, keep=lambda r: True)
+                every.extend(v["id"] for v in page)
+                if position is None:
+                    break
+            return seen, sizes, every, made
+        finally:
+            await client.aclose()
+
+    seen, sizes, every, made = asyncio.run(go())
+    assert sorted(seen) == sorted(made[::4]) and len(seen) == len(set(seen))
+    assert min(sizes) < 3 and len(sizes) > 3, "short pages that still go on"
+    assert sorted(every) == sorted(made) and len(every) == len(set(every))
+    assert every[:20] == list(reversed(made[10:])), "newest first"

@@ -43,9 +43,6 @@ Send = Callable[[Message], Awaitable[None]]
 MAX_BODY = 64 * 1024
 MAX_QUERY = 4096  # bytes of query string
 NO_STORE = {"cache-control": "no-store", "x-content-type-options": "nosniff"}
-# The anonymous budget's defaults (`admin_audit_burst`, `admin_audit_rate`), as before.
-ANONYMOUS_AUDIT_BURST = 100
-ANONYMOUS_AUDIT_RATE = 10.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,7 +62,8 @@ def _duration(field: str, most: float) -> Callable[[str], float]:
         try:
             return duration(field, text, most=most)
         except InvalidInput as exc:
-            raise argparse.ArgumentTypeError(f"{exc.message} (30s, 15m, 24h, 30d)") from None
+            hint = "" if "unit" in exc.message else " (30s, 15m, 24h, 30d)"
+            raise argparse.ArgumentTypeError(exc.message + hint) from None
 
     return parse
 
@@ -297,6 +298,8 @@ def cmd_token(args: argparse.Namespace) -> int:
         if args.expires_in is not None:
             patch["expires_in"] = args.expires_in
         if args.no_expiry:
+            if "expires_at" in patch:
+                raise InvalidInput("--no-expiry", "give --no-expiry or --expires-at, not both")
             patch["expires_at"] = None
         changes = validate_patch(patch)
         view = asyncio.run(_with_store(lambda s: s.update(args.id, changes, _actor())))

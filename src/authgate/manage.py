@@ -567,6 +567,8 @@ class Manager:
             payload, mac = _unb64(text), _unb64(sig)
         except ValueError:
             raise bad from None
+        if _b64(payload) != text or _b64(mac) != sig:  # one encoding only: no spare bits
+            raise bad
         want = hmac.digest(
             self._cursor_key, payload + b"\n" + self._binding(caller, filters), "sha256"
         )

@@ -30,8 +30,11 @@ from .usage import TOKEN_DENIALS
 DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d|w)\s*$"  # a unit is required
 TOKEN_ID_PATTERN = r"^tok_[0-9A-HJKMNP-TV-Z]{26}$"
 ERROR_CODES = tuple(ERRORS)
-# Codes any authenticated endpoint may answer.
+# Codes any authenticated endpoint may answer (a query parameter it does not take is
+# INVALID_INPUT, an oversized query BAD_REQUEST).
 AUTH_CODES = (
+    "BAD_REQUEST",
+    "INVALID_INPUT",
     "TOKEN_MISSING",
     "TOKEN_MISMATCH",
     "TOKEN_INVALID",

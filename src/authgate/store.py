@@ -245,7 +245,8 @@ class TokenStore:
         position = after
         scanned = 0
         while len(out) < limit and scanned < scan_most:
-            rows = await self._ids_after(position, SCAN_BATCH)
+            want = min(SCAN_BATCH, scan_most - scanned)
+            rows = await self._ids_after(position, want)
             if not rows:
                 position = None
                 break
@@ -255,7 +256,7 @@ class TokenStore:
                 position = (score, token_id)
                 if record is not None and keep(record) and len(out) < limit:
                     out.append((record, position))
-            if len(rows) < SCAN_BATCH and len(out) < limit:
+            if len(rows) < want and len(out) < limit:
                 position = None
                 break
         if len(out) >= limit:
