@@ -59,11 +59,3 @@ class Refused(AuthgateError):
         self.code = code
         self.message = message
         self.details = details
-
-
-class NotFound(AuthgateError):
-    """No token with that id."""
-
-
-class BackendUnavailable(AuthgateError):
-    """Redis could not be reached or did not answer in time."""
