@@ -69,7 +69,7 @@ image: ## build the container image, tagged authgate:VERSION
 
 # The snippets the sidecar overlay's kustomization turns into its nginx ConfigMap
 # (kustomize reads files only below the overlay); tests/test_k8s.py fails when they drift.
-SIDECAR_SNIPPETS := auth_location auth_proxy decision errors identity log_format maps protect upstream
+SIDECAR_SNIPPETS := auth_location auth_proxy decision errors identity log_format maps protect refusals upstream
 sidecar-nginx: ## copy deploy/nginx/authgate's snippets into the sidecar overlay
 	for f in $(SIDECAR_SNIPPETS); do \
 	    cp deploy/nginx/authgate/$$f.conf deploy/k8s/overlays/sidecar/nginx/authgate/; done

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from uvicorn.server import ServerState
 
+from authgate._uvicorn import ServerState
 from authgate.app import Runtime
 from authgate.fasthttp import FastProtocol
 from tests.inproc import create, settings_for

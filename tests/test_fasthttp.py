@@ -864,7 +864,8 @@ def test_connections_beyond_the_cap_are_refused_and_counted(limited: AuthgatePro
     ("env", "message"),
     [
         pytest.param({"AUTHGATE_HEADER_TIMEOUT": "0s"}, "AUTHGATE_HEADER_TIMEOUT", id="timeout-0"),
-        pytest.param({"AUTHGATE_HEADER_TIMEOUT": "10"}, None, id="timeout-plain-seconds"),
+        pytest.param({"AUTHGATE_HEADER_TIMEOUT": "10s"}, None, id="timeout-seconds"),
+        pytest.param({"AUTHGATE_HEADER_TIMEOUT": "10"}, "needs a unit", id="timeout-no-unit"),
         pytest.param(
             {"AUTHGATE_HEADER_TIMEOUT": "soon"}, "AUTHGATE_HEADER_TIMEOUT", id="timeout-word"
         ),

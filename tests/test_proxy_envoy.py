@@ -377,10 +377,19 @@ def test_encoded_slashes_are_refused_with_json(proxy: Proxy, stack: Stack, path:
     assert not upstream_saw(stack)
 
 
+async def _issued(url: str, config: str) -> str:
+    """A token just created: issued, so authgate must ask Redis about it on first use."""
+    runtime = Runtime(settings_for(url, AUTHGATE_CONFIG=config, AUTHGATE_REDIS_TIMEOUT="5s"))
+    try:
+        return (await create(runtime))[0]
+    finally:
+        await runtime.stop()
+
+
 def test_redis_unreachable_is_503_with_the_json_body(proxy: Proxy, stack: Stack) -> None:
     """Check 12 (Redis unreachable, token not cached) reaches the client as 503 with the
-    UNAVAILABLE body."""
-    fresh = token_format.generate("min_")
+    UNAVAILABLE body. (A never-issued token is refused from memory, Redis or not.)"""
+    fresh = asyncio.run(_issued(stack.node.url, stack.config))
     stack.node.pause()
     try:
         reply = proxy.ask(f"{SCOPED}?pwt={fresh}", headers={"X-Power-Token": fresh})

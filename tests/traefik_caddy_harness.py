@@ -26,7 +26,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,9 +218,33 @@ def wait_until_routed(port: int, proc: subprocess.Popen[bytes], timeout: float =
     raise TimeoutError(f"port {port} not routed after {timeout}s (last: {last!r})")
 
 
+def _distinct_port(taken: Iterable[int]) -> int:
+    """A free port that none of `taken` is (two asks of the kernel can give the same one)."""
+    taken = set(taken)
+    while (port := free_port()) in taken:
+        pass
+    return port
+
+
+def _on_free_ports(start: Callable[[Path], Proxy], workdir: Path) -> Proxy:
+    """`start` in a fresh folder under `workdir`, again (up to three times) when another
+    process took one of the free ports it was given before the proxy could bind it."""
+    for attempt in range(3):
+        try:
+            return start(workdir / f"run-{attempt}")
+        except RuntimeError as exc:
+            if "address already in use" not in str(exc) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def start_traefik(workdir: Path, sites: list[Site], extra: dict[str, Any] | None = None) -> Proxy:
     """Traefik from deploy/traefik/traefik.yml, one entry point per site (entry point
     `ep-<site name>`); `extra` is one more dynamic configuration file."""
+    return _on_free_ports(lambda folder: _start_traefik(folder, sites, extra), workdir)
+
+
+def _start_traefik(workdir: Path, sites: list[Site], extra: dict[str, Any] | None) -> Proxy:
     workdir.mkdir(parents=True, exist_ok=True)
     static = yaml.safe_load((TRAEFIK_DIR / "traefik.yml").read_text())
     web = static["entryPoints"].pop("web")
@@ -230,7 +254,7 @@ def start_traefik(workdir: Path, sites: list[Site], extra: dict[str, Any] | None
     ports: dict[str, int] = {}
     for site in sites:
         entry = f"ep-{site.name}"
-        ports[site.name] = free_port()
+        ports[site.name] = _distinct_port(ports.values())
         static["entryPoints"][entry] = {**web, "address": f"127.0.0.1:{ports[site.name]}"}
         render = k8s_dynamic if site.form == "k8s" else file_dynamic
         dynamic = render(site, entry)
@@ -247,6 +271,10 @@ def start_traefik(workdir: Path, sites: list[Site], extra: dict[str, Any] | None
 
 def start_caddy(workdir: Path, sites: list[Site]) -> Proxy:
     """Caddy from deploy/caddy/Caddyfile, its site block once per site."""
+    return _on_free_ports(lambda folder: _start_caddy(folder, sites), workdir)
+
+
+def _start_caddy(workdir: Path, sites: list[Site]) -> Proxy:
     shutil.copytree(CADDY_DIR, workdir)
     text = (workdir / "Caddyfile").read_text()
     admin = free_port()
@@ -256,7 +284,7 @@ def start_caddy(workdir: Path, sites: list[Site]) -> Proxy:
     ports: dict[str, int] = {}
     blocks = []
     for site in sites:
-        ports[site.name] = free_port()
+        ports[site.name] = _distinct_port(ports.values())
         copy = _replace(block, CADDY_SITE, f":{ports[site.name]} {{\n\tbind 127.0.0.1", 1, "site")
         copy = _replace(copy, CADDY_AUTHGATE, f"import authgate-protect {site.authgate}", 1, "site")
         copy = _replace(copy, CADDY_UPSTREAM, f"reverse_proxy {site.upstream}", 1, "site")
