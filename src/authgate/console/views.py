@@ -87,12 +87,15 @@ class Console:
         status: int = 200,
         **context: Any,
     ) -> Response:
-        caller: ConsoleCaller | None = context.get("caller")
+        # A signed-in page's caller and CSRF token, set by the `page` decorator.
+        context.setdefault("caller", getattr(request.state, "caller", None))
+        context.setdefault("csrf", getattr(request.state, "csrf", None))
+        caller: ConsoleCaller | None = context["caller"]
         context.setdefault("root", self.root)
         if caller is not None:
             context.setdefault("can", caller.can)
         html = self.templates.get_template(name).render(**context)
-        return secure(Response(html, status, media_type="text/html"), request)
+        return Response(html, status, media_type="text/html")
 
     def error_page(self, request: Request, error: ServiceError, **context: Any) -> Response:
         return self.page("error.html", request, error.status, error=error, **context)
@@ -110,12 +113,6 @@ class Console:
 
 
 Handler = Callable[[Request, Console, Session, ConsoleCaller], Awaitable[Response]]
-
-
-def secure(response: Response, request: Request) -> Response:
-    """The response as it is; `SecurityHeaders` adds the headers to every console answer
-    (static files and Starlette's own errors included)."""
-    return response
 
 
 class SecurityHeaders:
@@ -147,7 +144,7 @@ def client_ip(request: Request) -> str:
 def _to_login(console: Console, request: Request) -> Response:
     response = RedirectResponse(f"{console.root}/login", 303)
     response.delete_cookie(COOKIE, path=console.root)
-    return secure(response, request)
+    return response
 
 
 async def read_form(request: Request) -> dict[str, str]:
@@ -186,7 +183,7 @@ def page(method: str = "GET") -> Callable[[Handler], Callable[[Request], Awaitab
             if found is None:
                 return _to_login(console, request)
             session, caller = found
-            common = {"caller": caller, "csrf": session.csrf}
+            request.state.caller, request.state.csrf = caller, session.csrf
             try:
                 if method == "POST":
                     form = await read_form(request)
@@ -197,9 +194,9 @@ def page(method: str = "GET") -> Callable[[Handler], Callable[[Request], Awaitab
                     request.state.form = form
                 return await handler(request, console, session, caller)
             except ServiceError as error:
-                return console.error_page(request, error, **common)
+                return console.error_page(request, error)
             except AuthgateError as exc:
-                return console.error_page(request, ServiceError.from_error(exc), **common)
+                return console.error_page(request, ServiceError.from_error(exc))
 
         return endpoint
 
@@ -253,7 +250,7 @@ async def login(request: Request) -> Response:
     except AuthgateError as exc:
         failure = ServiceError.from_error(exc)
         return _login_page(console, request, failure, failure.status)
-    response = secure(RedirectResponse(f"{console.root}/tokens", 303), request)
+    response = RedirectResponse(f"{console.root}/tokens", 303)
     response.set_cookie(
         COOKIE,
         console.sessions.cookie_value(session),
@@ -277,7 +274,7 @@ async def logout(
 
 async def home(request: Request) -> Response:
     console: Console = request.app.state.console
-    return secure(RedirectResponse(f"{console.root}/tokens", 303), request)
+    return RedirectResponse(f"{console.root}/tokens", 303)
 
 
 # -- tokens ----------------------------------------------------------------------------------
@@ -303,8 +300,6 @@ async def tokens(
     return console.page(
         "tokens.html",
         request,
-        caller=caller,
-        csrf=session.csrf,
         nav="tokens",
         tokens=items,
         filters=filters,
@@ -338,8 +333,6 @@ def _new_form(
         "new.html",
         request,
         error.status if error else 200,
-        caller=caller,
-        csrf=session.csrf,
         once=secrets.token_urlsafe(18),
         nav="new",
         values=values,
@@ -387,8 +380,6 @@ async def new_token(
         "secret.html",
         request,
         201,
-        caller=caller,
-        csrf=session.csrf,
         heading="Token created",
         value=value,
         token=token,
@@ -442,8 +433,6 @@ async def token_page(
     return console.page(
         "token.html",
         request,
-        caller=caller,
-        csrf=session.csrf,
         nav="tokens",
         token=token,
         attributes=_attributes(token),
@@ -475,8 +464,6 @@ async def edit_form(
     return console.page(
         "edit.html",
         request,
-        caller=caller,
-        csrf=session.csrf,
         nav="tokens",
         token=token,
         values=_edit_values(token),
@@ -512,8 +499,6 @@ async def edit(
             "edit.html",
             request,
             error.status,
-            caller=caller,
-            csrf=session.csrf,
             nav="tokens",
             token=token,
             values=values,
@@ -523,7 +508,7 @@ async def edit(
 
 
 def _redirect(console: Console, request: Request, token_id: str) -> Response:
-    return secure(RedirectResponse(f"{console.root}/tokens/{token_id}", 303), request)
+    return RedirectResponse(f"{console.root}/tokens/{token_id}", 303)
 
 
 def _switch(enabled: bool) -> Handler:
@@ -554,8 +539,6 @@ async def rotate(
         return console.page(
             "confirm.html",
             request,
-            caller=caller,
-            csrf=session.csrf,
             token=token,
             action="rotate",
             question=f"Rotate {token['name']}?",
@@ -570,8 +553,6 @@ async def rotate(
         "secret.html",
         request,
         201,
-        caller=caller,
-        csrf=session.csrf,
         heading="Token rotated",
         value=value,
         token=new,
@@ -593,8 +574,6 @@ def _final(action: str, question: str, consequence: str, button: str) -> Handler
             return console.page(
                 "confirm.html",
                 request,
-                caller=caller,
-                csrf=session.csrf,
                 token=token,
                 action=action,
                 question=question.format(name=token["name"]),
@@ -606,8 +585,7 @@ def _final(action: str, question: str, consequence: str, button: str) -> Handler
             await console.api.revoke(caller, token_id)
             return _redirect(console, request, token_id)
         await console.api.delete(caller, token_id)
-        response = secure(RedirectResponse(f"{console.root}/tokens", 303), request)
-        return response
+        return RedirectResponse(f"{console.root}/tokens", 303)
 
     return handler
 
@@ -635,8 +613,6 @@ async def audit(
     return console.page(
         "audit.html",
         request,
-        caller=caller,
-        csrf=session.csrf,
         nav="audit",
         events=events,
         next_url=f"{base}?{urlencode({'cursor': next_cursor})}" if next_cursor else None,
