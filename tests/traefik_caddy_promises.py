@@ -32,16 +32,13 @@ from tests.conftest import (
     run_cli,
     start_authgate,
 )
+from tests.decision_rows import APPS, OTHER, REPORTS, SCOPED, SYSTEM, Call, both
+from tests.decision_rows import DENIED as EVERY_DENIAL
 from tests.echo_upstream import EchoUpstream
 from tests.traefik_caddy_harness import Proxy, Reply, Site, send
 
 # -- the stack: Valkey, authgate processes, tokens, an echo upstream ------------------------
 
-SCOPED = "/minimal/api/rest/v1/acme/tunes/items"
-SYSTEM = "/minimal/api/system/health"
-APPS = "/minimal/rest/apps/v1/data"
-REPORTS = "/minimal/api/reports/q1"  # needs permission read:reports (CONFIG below)
-OTHER = "/minimal/api/status"  # no route: class default
 CONFIG = (ROOT / "deploy" / "authgate-example.toml").read_text()
 
 TOKENS: dict[str, list[str]] = {
@@ -72,23 +69,6 @@ NEIGHBOURS = (
     "upstream_down",
     "impostor",
 )
-
-
-@dataclass(frozen=True)
-class Call:
-    """One client request; token names refer to `Gateway.tokens`."""
-
-    path: str
-    method: str = "GET"
-    header: str | None = None  # token name sent in X-Power-Token
-    pwt: tuple[str, ...] = ()  # token names sent as pwt parameters, in order
-    query: str = ""  # other query parameters
-    via: str = "main"
-
-
-def both(name: str, path: str = SCOPED, **kw: Any) -> Call:
-    """A request carrying token `name` in both default sources."""
-    return Call(path, header=name, pwt=(name,), **kw)
 
 
 @dataclass
@@ -214,43 +194,7 @@ def header_values(record: dict[str, Any], name: str) -> list[str]:
 # -- the promises, as tests ----------------------------------------------------------------
 
 DENIED = [
-    pytest.param(Call(SCOPED), 401, "TOKEN_MISSING", id="missing"),
-    pytest.param(Call(SCOPED, header="ro"), 401, "TOKEN_MISSING", id="both-mode-missing-pwt"),
-    pytest.param(Call(SCOPED, pwt=("ro",)), 401, "TOKEN_MISSING", id="both-mode-missing-header"),
-    pytest.param(Call(SCOPED, header="ro", pwt=("rw",)), 401, "TOKEN_MISMATCH", id="mismatch"),
-    pytest.param(
-        Call(SCOPED, header="ro", pwt=("ro", "rw")), 401, "TOKEN_MISMATCH", id="mismatch-two-pwt"
-    ),
-    pytest.param(both("short"), 404, "TOKEN_INVALID", id="malformed-length"),
-    pytest.param(both("bad_checksum"), 404, "TOKEN_INVALID", id="malformed-checksum"),
-    pytest.param(both("other_prefix"), 404, "TOKEN_INVALID", id="malformed-other-prefix"),
-    pytest.param(both("never_created"), 404, "TOKEN_INVALID", id="unknown"),
-    pytest.param(both("deleted"), 404, "TOKEN_INVALID", id="unknown-deleted"),
-    pytest.param(both("revoked"), 404, "TOKEN_INVALID", id="revoked"),
-    pytest.param(both("expiring"), 401, "TOKEN_EXPIRED", id="expired"),
-    pytest.param(both("ip_denied"), 403, "IP_NOT_ALLOWED", id="ip-not-allowed"),
-    pytest.param(
-        both("ro", "/minimal/api/rest/v1/other/tunes/items"),
-        403,
-        "SCOPE_MISMATCH",
-        id="scope-mismatch-org",
-    ),
-    pytest.param(
-        both("app", APPS, query="app_id=app-2"), 403, "SCOPE_MISMATCH", id="scope-mismatch-app"
-    ),
-    pytest.param(
-        both("ro", method="POST"), 403, "INSUFFICIENT_KEY_TYPE", id="key-type-post-read-only"
-    ),
-    pytest.param(
-        both("rw", method="DELETE"), 403, "INSUFFICIENT_KEY_TYPE", id="key-type-delete-no-d"
-    ),
-    pytest.param(
-        both("rwd", method="PROPFIND"), 403, "INSUFFICIENT_KEY_TYPE", id="key-type-other-method"
-    ),
-    pytest.param(both("ro", SYSTEM), 403, "ADMIN_REQUIRED", id="admin-required"),
-    pytest.param(both("ro", REPORTS), 403, "INSUFFICIENT_PERMISSIONS", id="permissions"),
-    pytest.param(both("ro", via="redis_down"), 503, "UNAVAILABLE", id="redis-unavailable"),
-    pytest.param(both("ro", via="authgate_down"), 503, "UNAVAILABLE", id="authgate-unreachable"),
+    *EVERY_DENIAL,
     pytest.param(both("ro", via="hung"), 503, "UNAVAILABLE", id="authgate-not-answering"),
 ]
 
