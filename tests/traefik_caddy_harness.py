@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from tests import nginx_harness
 from tests.conftest import ROOT, free_port
 
 TRAEFIK_DIR = ROOT / "deploy" / "traefik"
@@ -299,17 +300,8 @@ def _start_caddy(workdir: Path, sites: list[Site]) -> Proxy:
 # -- requests -----------------------------------------------------------------------------
 
 
-@dataclass
-class Reply:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return None
+class Reply(nginx_harness.Reply):
+    """nginx_harness's reply, and authgate's JSON error from its body."""
 
     def error(self) -> dict[str, Any]:
         """The JSON error object; fails when the body is not authgate's error shape."""
