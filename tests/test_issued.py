@@ -56,6 +56,30 @@ async def loaded(url: str) -> tuple[IssuedTokens, Any]:
 
 
 # -- the set itself ---------------------------------------------------------------------------
+def test_a_superseded_load_whose_scan_finishes_changes_nothing(node: ValkeyNode) -> None:
+    """A load whose cancellation was absorbed inside a Redis call (so its scan still
+    finishes) after the set became unsure, or after a newer load began, neither fails nor
+    marks the set ready: only the current load publishes."""
+    node.client().flushall()
+    create_tokens(node.url, 3)
+
+    async def go() -> None:
+        client = connect(node.url, 2.0)
+        issued = IssuedTokens(client, KP)
+        try:
+            issued.unsure()
+            await issued._load(set())  # an older load's scan, finishing late
+            assert not issued.ready and len(issued) == 0
+            current = issued.load()
+            await issued._load(set())  # older than `current`
+            await current
+            assert issued.ready and len(issued) == 3
+        finally:
+            await client.aclose()
+
+    asyncio.run(go())
+
+
 def test_loaded_set_holds_every_issued_token_and_no_forged_one(node: ValkeyNode) -> None:
     """After a load, every token in Redis may be issued and 20,000 forged ones surely are
     not; before the load, and once unsure, every token may be issued."""

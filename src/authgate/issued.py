@@ -135,13 +135,17 @@ class IssuedTokens:
         """Start (again) loading the set from Redis; call once the subscription that will
         carry later additions is confirmed. Until the load completes, `may_hold` is True."""
         self.unsure()
-        self._building = set()
+        building: set[int] = set()
+        self._building = building
         self._task = asyncio.get_running_loop().create_task(
-            self._load(), name="authgate-issued-load"
+            self._load(building), name="authgate-issued-load"
         )
         return self._task
 
-    async def _load(self) -> None:
+    async def _load(self, building: set[int]) -> None:
+        """Scan, then publish the set, unless this load was superseded meanwhile (`unsure`
+        or a newer `load`): its cancellation can be absorbed inside a Redis call, so the
+        scan may still finish, and then it must change nothing."""
         backoff = 0.1
         while True:
             started = time.perf_counter()
@@ -154,9 +158,11 @@ class IssuedTokens:
                 )
                 await asyncio.sleep(backoff * (1 + random.random()))  # noqa: S311
                 backoff = min(backoff * 2, RETRY_MAX)
+                if self._building is not building:
+                    return
                 continue
-            building = self._building
-            assert building is not None
+            if self._building is not building:
+                return
             found.update(building, self._recent)
             self._sorted = array("Q", sorted(found))
             self._recent = set()
