@@ -147,6 +147,21 @@ SHAPES = [
         "query-value-of-2500-escapes",
     ),
     shape(
+        lambda t: nginx(SCOPED + f"?pwt={t}&q=" + "pw" * 3700, t),
+        200,
+        "query-value-of-3700-token-name-halves",
+    ),
+    shape(
+        lambda t: nginx(SCOPED + f"?pwt={t}&q=" + (t[-12:-1] + "-") * 600, t),
+        200,
+        "query-value-of-600-near-copies",
+    ),
+    shape(
+        lambda t: nginx(SCOPED + f"?pwt={t}&q=" + "%41pp_i" * 1000, t),
+        200,
+        "query-value-of-1000-near-app-ids",
+    ),
+    shape(
         lambda t: nginx(SCOPED + "/" + "a" * 7700 + "%41" + f"?pwt={t}", t),
         200,
         "path-7700-bytes-one-escape",

@@ -327,7 +327,9 @@ class RouteTable:
         for route in routes:
             if route.area is not None:
                 self._add(None, route.area, re.escape(route.area) + r"(?:/|\Z)")
+        self._longest = max((len(entry[2]) for entry in self._routes), default=0)
         self._seen: dict[str, Match] = {}
+        self._last: tuple[str | None, Match] = (None, _NO_MATCH)
         # With every prefix in lower case, an ASCII path without capitals cannot match one
         # only when case is ignored: no case-blind pass then.
         spelled = [r.prefix for r in routes] + [r.area for r in routes if r.area is not None]
@@ -345,14 +347,20 @@ class RouteTable:
         return found.route, found.bound
 
     def lookup(self, path: str) -> Match:
-        """Where `path` falls; remembered for recent (short) paths."""
+        """Where `path` falls; remembered for recent (short) paths, and for the last long
+        one (a request's reading and its decision look up the same path)."""
+        if len(path) > 512:  # not hashed: that alone costs a pass over it
+            last, match = self._last
+            if last is not path:
+                match = self._lookup(path)
+                self._last = (path, match)
+            return match
         found = self._seen.get(path)
         if found is None:
             found = self._lookup(path)
-            if len(path) <= 512:
-                if len(self._seen) >= 4096:
-                    self._seen.clear()
-                self._seen[path] = found
+            if len(self._seen) >= 4096:
+                self._seen.clear()
+            self._seen[path] = found
         return found
 
     def _lookup(self, path: str) -> Match:
@@ -369,7 +377,9 @@ class RouteTable:
                 view = path.encode("latin-1").decode("utf-8")
             except UnicodeDecodeError:
                 pass
-        folded = view.casefold()
+        # Only compared with the heads: casefold maps each character to one or more, so
+        # the head's length of the view is enough.
+        folded = view[: self._longest].casefold()
         variant = False
         for route, head, head_folded, exact, blind in self._routes:
             if path.startswith(head):

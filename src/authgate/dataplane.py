@@ -93,8 +93,8 @@ class DataPlane:
         entry = decision.entry
         answer: Answer
         if decision.status == 200 and req is not None and entry is not None:
-            uri, query = self.reader.forwarded(req)
-            answer = self.writer.allowed(entry, uri, query)
+            uri, query, encoded = self.reader.forwarded(req)
+            answer = self.writer.allowed(entry, uri, query, encoded)
         else:
             answer = self.writer.denied(decision, req.fold if req is not None else is_nginx(scope))
         self.metrics.decided(decision.code, time.perf_counter() - started)

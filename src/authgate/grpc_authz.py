@@ -109,7 +109,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
     def response(self, req: AuthRequest | None, decision: Decision) -> Any:
         entry = decision.entry
         if decision.status == 200 and req is not None and entry is not None:
-            uri, _query = self.reader.forwarded(req)
+            uri, _query, _encoded = self.reader.forwarded(req)
             pairs = [*entry.headers, entry.user_header, entry.id_header, (b":path", uri)]
             ok = external_auth_pb2.OkHttpResponse(
                 headers=[

@@ -28,6 +28,14 @@ _LOW = bytes(0 if c in _PLAIN else _HEX[c & 15] for c in range(256))
 # Unreserved characters (ALPHA DIGIT - . _ ~), '/' and '\': every upstream decodes an
 # escape of one to the character itself, so a raw path in normal form escapes none.
 _UNRESERVED = bytes(c for c in range(128) if chr(c).isalnum() or chr(c) in "-._~/\\")
+# Each two hex digits, in either case, and the character they escape; `unescape` decodes
+# up to _FEW_ESCAPES escapes through it.
+_HEX_PAIRS = {
+    f"{a}{b}": chr(int(a + b, 16))
+    for a in "0123456789abcdefABCDEF"
+    for b in "0123456789abcdefABCDEF"
+}
+_FEW_ESCAPES = 8
 # A `.` or `..` segment.
 _DOT_SEGMENT = re.compile(r"/\.\.?(?=/|\Z)")
 
@@ -37,10 +45,25 @@ class BadPath(ValueError):
 
 
 def unescape(text: str) -> str:
-    """`text` with every `%XX` decoded once (bytes as latin-1 characters), in C; a '%'
-    not followed by two hex digits is an error (nginx answers 400 to such a path)."""
-    if "%" not in text:
+    """`text` with every `%XX` decoded once (bytes as latin-1 characters); a '%' not
+    followed by two hex digits is an error (nginx answers 400 to such a path). A few
+    escapes are decoded one by one (`str.find` finds them), more in C by
+    `unescape_loosely`, whose passes cost the whole text's length."""
+    at = text.find("%")
+    if at == -1:
         return text
+    out: list[str] = []
+    last = 0
+    for _ in range(_FEW_ESCAPES):
+        char = _HEX_PAIRS.get(text[at + 1 : at + 3])
+        if char is None:
+            raise BadPath("invalid percent-escape")
+        out += (text[last:at], char)
+        last = at + 3
+        at = text.find("%", last)
+        if at == -1:
+            out.append(text[last:])
+            return "".join(out)
     decoded = unescape_loosely(text)
     if len(decoded) != len(text) - 2 * text.count("%"):
         raise BadPath("invalid percent-escape")

@@ -1,14 +1,14 @@
 """The query as authgate reads it: only the pairs a decision needs, with C-level passes.
 
 A decision needs `app_id` and the token query parameters (`pwt`). `QueryReader` finds
-them with `str.find`, and (rule `query_spellings`) refuses any other key that a common
-parser reads as one of them: letter case (`APP_ID`: ASP.NET), '.', '-', ' ' or '[' for
-'_' and a `[…]` suffix or trailing space (`app.id`, `app+id`, `app_id[]`: PHP, Rails),
-percent-encoded letters, leading spaces, and such a key after a ';' (`x=1;app_id=…`:
-parsers that split pairs on ';'). No pair is split or decoded in Python unless it is one
-of those, and a query with more than `max_query_pairs` pairs is refused: a long query
-costs a few passes in C, not one Python step per pair.
-"""
+them with one regular-expression scan for '&' and a name, and (rule `query_spellings`)
+refuses any other key that a common parser reads as one of them: letter case (`APP_ID`:
+ASP.NET), '.', '-', ' ' or '[' for '_' and a `[…]` suffix or trailing space (`app.id`,
+`app+id`, `app_id[]`: PHP, Rails), percent-encoded letters, leading spaces, and such a
+key after a ';' (`x=1;app_id=…`: parsers that split pairs on ';'). No pair is split or
+decoded in Python unless it is one of those, and a query with more than
+`max_query_pairs` pairs is refused: a long query costs a few passes in C, not one Python
+step per pair."""
 
 from __future__ import annotations
 
@@ -27,12 +27,10 @@ MAX_VALUE = 1024  # characters of an app_id or token value, still encoded
 _RAW = bytes.maketrans(b"&;=%+", b"\x01\x02\x03= ")
 _UPPER = bytes(range(0x41, 0x5B))
 _VIEW = bytes.maketrans(b"&;=\x01\x02\x03.-" + _UPPER, b"\x04\x04\x04&&=__" + _UPPER.lower())
+# A query without escapes as `_views` would view it: both tables at once.
+_PLAIN = bytes(_VIEW[_RAW[i]] for i in range(256))
 _FOLD = str.maketrans({";": "&", ".": "_", "-": "_"})  # a name as the view spells it
-_LEADING_SPACES = re.compile(rb"& +")
-_APP_MARKER = "&" + APP_ID
-_FOLDED = b"%+;[ .-"  # a query without these spells a name only in another letter case
 _SPELLED = "query: a key that some parsers read as app_id or a token parameter"
-_KEY_ENDS = b"=&[\x00 "  # what may follow a name at the end of a key
 
 
 class QueryReader:
@@ -47,22 +45,20 @@ class QueryReader:
         self.tokens = tokens
         self.strict = strict
         self.max_pairs = max_pairs
-        self.names = [*tokens, APP_ID]
-        # ("&name", source label or None for app_id), for str.find on "&" + query
-        self._markers = [("&" + n, tokens.get(n)) for n in self.names]
-        self._token_markers = [("&" + n, label) for n, label in tokens.items()]
-        # The app_id values of recent token-free remainders of queries (no escapes).
-        self._seen: dict[str, tuple[str, ...]] = {}
-        # The first letters of each name, lower-case: no key can fold to it without them;
-        # and each name as the folded view can spell it (its '_' also as ' ' or '['),
-        # grouped by those letters.
-        self._stems = {re.split(r"[_.\-]", n.lower())[0] for n in self.names}
+        # Longest first, so a match names the longest name the key starts with.
+        self.names = sorted([*tokens, APP_ID], key=len, reverse=True)
+        self._labels = [tokens.get(n) for n in self.names]  # None for app_id
+        # Keys starting with a name: one C-level scan whatever the query holds (its only
+        # literal prefix, '&', is looked for byte by byte; no backtracking).
+        self._keys = re.compile("&(?:" + "|".join(f"({re.escape(n)})" for n in self.names) + ")")
+        # Keys of the folded view (`_views`) a common parser reads as a name: the name with
+        # each '_' also ' ' or '[', after leading spaces, before '=', '&', '[', NUL, ' ' or
+        # the end.
         spellings = {v for n in self.names for v in _spellings(n.lower().translate(_FOLD))}
-        self._spellings = {
-            b"&" + stem.encode(): sorted(b"&" + v.encode() for v in spellings if v.startswith(stem))
-            for stem in self._stems
-        }
-        self._lower_markers = [m.encode() for m, _ in self._markers]
+        alternatives = b"|".join(re.escape(v.encode()) for v in sorted(spellings, key=len)[::-1])
+        self._spelled = re.compile(b"& *(?:" + alternatives + rb")(?=[=&\[\x00 ]|\Z)")
+        # Token-free remainders of queries without escapes that passed the spelling check.
+        self._passed: set[str] = set()
 
     def read(self, query: str, token: str | None) -> tuple[list[str], dict[str, list[str]], str]:
         """(app_id values, token values by source label, the query without its token
@@ -71,41 +67,56 @@ class QueryReader:
         but in its own parameters (`x=pwt=…`, `??pwt=`, an encoded copy), where it would
         reach the upstream and the logs.
 
-        The token pairs are cut out first; what remains holds no token and is read once
-        for app_id and other spellings, and remembered (when short and without escapes)."""
-        if query.count("&") + query.count(";") >= self.max_pairs:
+        One scan finds the keys starting with a name; the token pairs are cut out; what
+        remains holds no token and is checked once for other spellings of the names (and
+        remembered when short and without escapes)."""
+        if "&" not in query and ";" not in query:  # one pair: the token's, often
+            key, _, value = query.partition("=")
+            label = self.tokens.get(key)
+            if label is not None:
+                if "%" in value or "+" in value or len(value) > MAX_VALUE:
+                    value = _value(value)
+                value = value.strip()
+                return [], {label: [value]} if value else {}, ""
+        pairs = query.count("&")
+        if ";" in query:
+            pairs += query.count(";")
+        if pairs >= self.max_pairs:
             raise BadRequest(f"query: more than {self.max_pairs} pairs")
         raw = "&" + query
         found: dict[str, list[str]] = {}
-        rest = raw
-        for marker, label in self._token_markers:
-            at = rest.find(marker)
-            if at == -1:
+        apps: list[str] = []
+        kept: list[str] = []
+        last = 0
+        seen = [0] * len(self.names)
+        for match in self._keys.finditer(raw):
+            index = match.lastindex - 1  # type: ignore[operator]
+            seen[index] += 1
+            if seen[index] > MAX_FOUND:
+                raise BadRequest(
+                    f"query: more than {MAX_FOUND} keys starting {self.names[index]!r}"
+                )
+            start = match.end()
+            if start != len(raw) and raw[start] not in "=&":
+                continue  # another key (`pwtx`, `app_id[]`): the spelling check reads it
+            end = raw.find("&", start)
+            if end == -1:
+                end = len(raw)
+            label = self._labels[index]
+            if label is None:
+                apps.append(_value(raw[start + 1 : end]))
                 continue
-            kept: list[str] = []
-            last = seen = 0
-            while at != -1:
-                seen += 1
-                if seen > MAX_FOUND:
-                    raise BadRequest(f"query: more than {MAX_FOUND} keys starting {marker[1:]!r}")
-                start = at + len(marker)
-                if start == len(rest) or rest[start] in "=&":
-                    end = rest.find("&", start)
-                    if end == -1:
-                        end = len(rest)
-                    value = rest[start + 1 : end]
-                    if "%" in value or "+" in value or len(value) > MAX_VALUE:
-                        value = _value(value)
-                    if value := value.strip():
-                        found.setdefault(label, []).append(value)
-                    kept.append(rest[last:at])
-                    last = end
-                    at = rest.find(marker, end)
-                else:
-                    at = rest.find(marker, start)
-            if kept:
-                kept.append(rest[last:])
-                rest = "".join(kept)
+            value = raw[start + 1 : end]
+            if "%" in value or "+" in value or len(value) > MAX_VALUE:
+                value = _value(value)
+            if value := value.strip():
+                found.setdefault(label, []).append(value)
+            kept.append(raw[last : match.start()])
+            last = end
+        rest = raw
+        if kept:
+            kept.append(raw[last:])
+            rest = "".join(kept)
         if token is None and found:
             token = next(iter(found.values()))[0]
         checked = token is not None and len(token) >= 24  # shorter ones are refused anyway
@@ -115,76 +126,26 @@ class QueryReader:
         if checked and tail in rest:
             raise BadRequest("query: the token appears outside its own parameter")
         if not rest:
-            return [], found, ""
+            return apps, found, ""
         escaped = "%" in rest
-        # Remembered only when it provably holds no token (checked, no escapes).
-        cacheable = checked and not escaped and len(rest) <= 256
-        apps = self._seen.get(rest) if cacheable else None
-        if apps is None:
-            apps, decoded = self._rest(rest, escaped)
-            if cacheable:
-                if len(self._seen) >= 4096:
-                    self._seen.clear()
-                self._seen[rest] = apps
-            if escaped and checked:
-                if decoded is None:
-                    decoded = _views(rest[1:])[0]
-                if tail.encode("latin-1") in decoded:
-                    raise BadRequest("query: the token appears outside its own parameter")
-        return list(apps), found, rest[1:]
-
-    def _rest(self, rest: str, escaped: bool) -> tuple[tuple[str, ...], bytes | None]:
-        """The app_id values of "&" + a query without token pairs, and that query decoded
-        when it had to be; BadRequest (strict) when a key spells app_id or a token
-        parameter otherwise than exactly."""
-        apps: list[str] = []
-        at = rest.find(_APP_MARKER)
-        seen = 0
-        while at != -1:
-            seen += 1
-            if seen > MAX_FOUND:
-                raise BadRequest(f"query: more than {MAX_FOUND} keys starting {APP_ID!r}")
-            start = at + len(_APP_MARKER)
-            if start == len(rest) or rest[start] in "=&":
-                end = rest.find("&", start)
-                if end == -1:
-                    end = len(rest)
-                apps.append(_value(rest[start + 1 : end]))
-            at = rest.find(_APP_MARKER, start)
-        decoded = None
-        if self.strict:
-            data = b"" if escaped else rest.encode("latin-1")
-            if escaped or len(data.translate(None, _FOLDED)) != len(data):  # '+', ';', '.' …
-                decoded, view = _views(rest[1:])
-            else:  # only letter case can spell a name otherwise: look closer if it does
-                view = data.lower()
-                if not any(m in view for m in self._lower_markers):
-                    return tuple(apps), None
-            if self._spelled(view) > len(apps):
-                raise BadRequest(_SPELLED)
-        return tuple(apps), decoded
-
-    def _spelled(self, view: bytes) -> int:
-        """How many keys of the query's folded view (`_views`) a common parser reads as
-        one of the names, the exact ones included."""
-        if b" " in view and b"& " in view:
-            view = _LEADING_SPACES.sub(b"&", view)
-        count = 0
-        for stem, spellings in self._spellings.items():
-            if stem not in view:
-                continue
-            for key in spellings:
-                seen = view.count(key)
-                if not seen:
-                    continue
-                if seen > MAX_FOUND:
-                    raise BadRequest(f"query: more than {MAX_FOUND} keys starting {key[1:]!r}")
-                at = view.find(key)
-                while at != -1:
-                    after = at + len(key)
-                    count += after == len(view) or view[after : after + 1] in _KEY_ENDS
-                    at = view.find(key, after)
-        return count
+        if escaped and (checked or self.strict):
+            decoded, view = _views(rest[1:])
+            if checked and tail.encode("latin-1") in decoded:
+                raise BadRequest("query: the token appears outside its own parameter")
+        if not self.strict:
+            return apps, found, rest[1:]
+        if not escaped:
+            # Remembered only when it provably holds no token (checked, no escapes).
+            if len(rest) <= 256 and rest in self._passed:
+                return apps, found, rest[1:]
+            view = rest.encode("latin-1").translate(_PLAIN)
+        if len(self._spelled.findall(view)) > len(apps):
+            raise BadRequest(_SPELLED)
+        if checked and not escaped and len(rest) <= 256:
+            if len(self._passed) >= 4096:
+                self._passed.clear()
+            self._passed.add(rest)
+        return apps, found, rest[1:]
 
 
 def _views(query: str) -> tuple[bytes, bytes]:

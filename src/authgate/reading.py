@@ -162,12 +162,15 @@ class RequestReader:
             raise BadRequest("the path matches a protected prefix only in another letter case")
         return path, query, raw_path if raw else ""
 
-    def forwarded(self, req: AuthRequest) -> tuple[bytes, bytes]:
+    def forwarded(self, req: AuthRequest) -> tuple[bytes, bytes, bool]:
         """What the proxy forwards upstream for an allowed request: the authorised path
-        with the query without its token parameters (`X-Authgate-Uri`), and that query."""
+        with the query without its token parameters (`X-Authgate-Uri`), that query, and
+        whether the path is authgate's own encoding (escapes and plain characters only)
+        rather than the client's raw path."""
         clean = req.forward_query
-        uri = (req.raw_path or encode(req.path)) + ("?" + clean if clean else "")
-        return uri.encode("latin-1"), clean.encode("latin-1")
+        path = req.raw_path or encode(req.path)
+        uri = path + ("?" + clean if clean else "")
+        return uri.encode("latin-1"), clean.encode("latin-1"), not req.raw_path
 
     @staticmethod
     def dialect(seen: dict[bytes, list[bytes]], scope: Scope) -> tuple[str, str, bool, bool]:

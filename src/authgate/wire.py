@@ -49,8 +49,10 @@ class AnswerWriter:
         # shared by every token of the same org, project, roles … (`model._shared`).
         self._blocks: dict[int, tuple[tuple[tuple[bytes, bytes], ...], bytes | None]] = {}
 
-    def allowed(self, entry: Entry, uri: bytes, query: bytes) -> Answer:
-        """200 with the identity headers, the authorised URI and the clean query."""
+    def allowed(self, entry: Entry, uri: bytes, query: bytes, path_encoded: bool = False) -> Answer:
+        """200 with the identity headers, the authorised URI and the clean query (the end
+        of the URI). `path_encoded`: the URI's path is `paths.encode`'s, which holds no control
+        character, so only the query is checked."""
         items = [
             *entry.headers,
             entry.user_header,
@@ -61,7 +63,8 @@ class AnswerWriter:
         ]
         block = self._identity_block(entry.headers)
         (user_name, user), (id_name, token_id) = entry.user_header, entry.id_header
-        if block is None or not safe_lines(user + token_id + uri + query, 0):
+        sent = query if path_encoded else uri
+        if block is None or not safe_lines(user + token_id + sent, 0) or not uri.endswith(query):
             return (200, items, b"")  # the server's own check refuses it
         encoded = Headers(items)
         encoded.encoded = b"".join(
