@@ -19,9 +19,10 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md LICENSE ./
 COPY src ./src
-# The versions the suite passed on (constraints.txt, refreshed by `make constraints`).
+# The versions the suite passed on (constraints.txt, refreshed by `make constraints`),
+# with the `grpc` extra, so AUTHGATE_GRPC_LISTEN (Envoy's ext_authz over gRPC) works too.
 # pip compiles the bytecode here; at run time the root filesystem is read-only.
-RUN pip install -c constraints.txt .
+RUN pip install -c constraints.txt ".[grpc]"
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="authgate" \

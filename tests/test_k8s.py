@@ -1442,7 +1442,7 @@ def test_dockerfile_is_multi_stage_and_runs_unprivileged_without_build_tools() -
     ):
         assert setting in text
     # The builder installs the tested versions (constraints.txt), not whatever is newest.
-    assert "RUN pip install -c constraints.txt ." in stages[0]
+    assert 'RUN pip install -c constraints.txt ".[grpc]"' in stages[0]
     assert "python:3.12-slim" in (ROOT / "Dockerfile").read_text()
 
 

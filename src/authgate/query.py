@@ -48,14 +48,15 @@ class QueryReader:
         # Longest first, so a match names the longest name the key starts with.
         self.names = sorted([*tokens, APP_ID], key=len, reverse=True)
         self._labels = [tokens.get(n) for n in self.names]  # None for app_id
-        # Keys starting with a name: one C-level scan whatever the query holds (its only
-        # literal prefix, '&', is looked for byte by byte; no backtracking).
+        # Keys starting with a name: one C-level scan whose cost does not depend on what
+        # the values hold (its only literal prefix, '&', is looked for byte by byte).
         self._keys = re.compile("&(?:" + "|".join(f"({re.escape(n)})" for n in self.names) + ")")
         # Keys of the folded view (`_views`) a common parser reads as a name: the name with
         # each '_' also ' ' or '[', after leading spaces, before '=', '&', '[', NUL, ' ' or
         # the end.
         spellings = {v for n in self.names for v in _spellings(n.lower().translate(_FOLD))}
-        alternatives = b"|".join(re.escape(v.encode()) for v in sorted(spellings, key=len)[::-1])
+        longest_first = sorted(spellings, key=lambda v: (-len(v), v))
+        alternatives = b"|".join(re.escape(v.encode()) for v in longest_first)
         self._spelled = re.compile(b"& *(?:" + alternatives + rb")(?=[=&\[\x00 ]|\Z)")
         # Token-free remainders of queries without escapes that passed the spelling check.
         self._passed: set[str] = set()
@@ -89,14 +90,17 @@ class QueryReader:
         kept: list[str] = []
         last = 0
         seen = [0] * len(self.names)
-        for match in self._keys.finditer(raw):
+        search = self._keys.search
+        match = search(raw)
+        while match is not None:
             index = match.lastindex - 1  # type: ignore[operator]
             seen[index] += 1
             if seen[index] > MAX_FOUND:
                 raise BadRequest(
                     f"query: more than {MAX_FOUND} keys starting {self.names[index]!r}"
                 )
-            start = match.end()
+            at, start = match.span()
+            match = search(raw, start)
             if start != len(raw) and raw[start] not in "=&":
                 continue  # another key (`pwtx`, `app_id[]`): the spelling check reads it
             end = raw.find("&", start)
@@ -111,7 +115,7 @@ class QueryReader:
                 value = _value(value)
             if value := value.strip():
                 found.setdefault(label, []).append(value)
-            kept.append(raw[last : match.start()])
+            kept.append(raw[last:at])
             last = end
         rest = raw
         if kept:
