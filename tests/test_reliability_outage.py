@@ -298,6 +298,9 @@ def test_faults_under_load_make_no_wrong_decision(node: ValkeyNode, gate: Authga
         Probe("churn", churn),
         Probe("healthz", "", target="/healthz"),
     ]
+    # The first subscription flushes the cache: only tokens asked after it are cached, and
+    # on a slow start it can come as late as the first fault.
+    wait_subscribed(node)
     for p in probes[:-1]:
         ask(gate.url, p.token)
     load = Load(gate.port, probes, concurrency=16, rate=1500)

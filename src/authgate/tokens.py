@@ -27,9 +27,16 @@ def _b62(number: int, width: int) -> str:
     return "".join(reversed(out))
 
 
+# Every number below 62**2 as two base62 digits: a checksum is three of them.
+_B62_PAIRS = [a + b for a in BASE62 for b in BASE62]
+
+
 def checksum(body: str) -> str:
-    """Fixed-width base62 CRC32 of prefix+random."""
-    return _b62(zlib.crc32(body.encode()), CHECKSUM_LEN)
+    """Fixed-width base62 CRC32 of prefix+random (what `_b62(crc, 6)` spells, by pairs:
+    checked on every request whose token is not cached)."""
+    high, low = divmod(zlib.crc32(body.encode()), 62**2)
+    high, middle = divmod(high, 62**2)
+    return _B62_PAIRS[high] + _B62_PAIRS[middle] + _B62_PAIRS[low]
 
 
 def generate(prefix: str) -> str:
