@@ -30,6 +30,7 @@ from tests.cluster_harness import (
     ValkeyCluster,
     ask,
     create_tokens,
+    metric,
     poll,
     revoke,
     run_store,
@@ -64,6 +65,10 @@ def two_gates(url: str) -> Iterator[tuple[AuthgateProcess, AuthgateProcess]]:
     except BaseException:
         a.stop()
         raise
+    # Each first subscription flushes its cache: tests warm the caches only after it.
+    flushes = 'authgate_invalidations_total{kind="flush"'
+    for gate in (a, b):
+        poll("first subscription", lambda g=gate: metric(g.metrics_url, flushes) >= 1)
     yield a, b
     for gate in (a, b):
         gate.stop()
