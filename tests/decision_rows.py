@@ -75,3 +75,28 @@ DENIED = [
     pytest.param(both("ro", via="redis_down"), 503, "UNAVAILABLE", id="redis-unavailable"),
     pytest.param(both("ro", via="authgate_down"), 503, "UNAVAILABLE", id="authgate-unreachable"),
 ]
+
+
+# A client's own proxy headers, each naming another request than the one it sends: the
+# request must be judged as sent (`code`), whatever the spoofed header says.
+SPOOFED_ORIGINAL = [
+    pytest.param(both("ro", SYSTEM), ("X-Original-URI", SCOPED), "ADMIN_REQUIRED", id="uri"),
+    pytest.param(
+        both("ro", SYSTEM), ("X-Original-URL", f"http://x{SCOPED}"), "ADMIN_REQUIRED", id="url"
+    ),
+    pytest.param(
+        both("ro", SYSTEM), ("X-Forwarded-Uri", SCOPED), "ADMIN_REQUIRED", id="forwarded-uri"
+    ),
+    pytest.param(
+        both("ro", method="POST"),
+        ("X-Original-Method", "GET"),
+        "INSUFFICIENT_KEY_TYPE",
+        id="method",
+    ),
+    pytest.param(
+        both("ro", method="POST"),
+        ("X-Forwarded-Method", "GET"),
+        "INSUFFICIENT_KEY_TYPE",
+        id="forwarded-method",
+    ),
+]

@@ -36,6 +36,7 @@ import redis
 from authgate.cli import main as cli_main
 from authgate.tokens import generate
 from tests.conftest import ROOT, Valkey, base_env, free_port, start_authgate
+from tests.decision_rows import SPOOFED_ORIGINAL
 from tests.echo_upstream import APP_PAGE, EchoUpstream
 from tests.ingress_nginx_harness import DEBIAN_NGINX, Controller, load, lua_nginx, render
 from tests.nginx_harness import Nginx, Reply, nginx_binary, request
@@ -486,29 +487,6 @@ def test_use_forwarded_headers_would_let_a_client_choose_its_address(stack: Stac
     spoof = [("X-Forwarded-For", "203.0.113.9")]
     assert stack.send("forwarded_headers", both("ip_denied"), headers=spoof).status == 200
     assert stack.send("annotations", both("ip_denied"), headers=spoof).status == 403
-
-
-SPOOFED_ORIGINAL = [
-    pytest.param(both("ro", SYSTEM), ("X-Original-URI", SCOPED), "ADMIN_REQUIRED", id="uri"),
-    pytest.param(
-        both("ro", SYSTEM), ("X-Original-URL", f"http://x{SCOPED}"), "ADMIN_REQUIRED", id="url"
-    ),
-    pytest.param(
-        both("ro", SYSTEM), ("X-Forwarded-Uri", SCOPED), "ADMIN_REQUIRED", id="forwarded-uri"
-    ),
-    pytest.param(
-        both("ro", method="POST"),
-        ("X-Original-Method", "GET"),
-        "INSUFFICIENT_KEY_TYPE",
-        id="method",
-    ),
-    pytest.param(
-        both("ro", method="POST"),
-        ("X-Forwarded-Method", "GET"),
-        "INSUFFICIENT_KEY_TYPE",
-        id="forwarded-method",
-    ),
-]
 
 
 @pytest.mark.parametrize("form", ["annotations", "snippets"])

@@ -32,7 +32,7 @@ from tests.conftest import (
     run_cli,
     start_authgate,
 )
-from tests.decision_rows import APPS, OTHER, REPORTS, SCOPED, SYSTEM, Call, both
+from tests.decision_rows import APPS, OTHER, REPORTS, SCOPED, SPOOFED_ORIGINAL, SYSTEM, Call, both
 from tests.decision_rows import DENIED as EVERY_DENIAL
 from tests.echo_upstream import EchoUpstream
 from tests.traefik_caddy_harness import Proxy, Reply, Site, send
@@ -444,30 +444,7 @@ class ProxyPromises:
     @pytest.mark.parametrize(
         ("call", "spoof", "code"),
         [
-            pytest.param(
-                both("ro", SYSTEM), ("X-Original-URI", SCOPED), "ADMIN_REQUIRED", id="uri"
-            ),
-            pytest.param(
-                both("ro", SYSTEM),
-                ("X-Original-URL", f"http://x{SCOPED}"),
-                "ADMIN_REQUIRED",
-                id="url",
-            ),
-            pytest.param(
-                both("ro", SYSTEM), ("X-Forwarded-Uri", SCOPED), "ADMIN_REQUIRED", id="fwd-uri"
-            ),
-            pytest.param(
-                both("ro", method="POST"),
-                ("X-Original-Method", "GET"),
-                "INSUFFICIENT_KEY_TYPE",
-                id="method",
-            ),
-            pytest.param(
-                both("ro", method="POST"),
-                ("X-Forwarded-Method", "GET"),
-                "INSUFFICIENT_KEY_TYPE",
-                id="fwd-method",
-            ),
+            *SPOOFED_ORIGINAL,
             pytest.param(
                 Call(SYSTEM, header="ro"),
                 ("X-Original-URI", f"{SCOPED}?pwt=x"),
