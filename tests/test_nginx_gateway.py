@@ -15,20 +15,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
-from authgate.tokens import generate
-from tests.conftest import ROOT, Valkey, base_env, free_port, run_cli, start_authgate
+from tests.conftest import ROOT, Valkey, free_port, run_cli
 from tests.decision_rows import APPS, OTHER, REPORTS, SCOPED, SPOOFED_ORIGINAL, SYSTEM, Call, both
 from tests.decision_rows import DENIED as EVERY_DENIAL
 from tests.echo_upstream import EchoUpstream
@@ -43,26 +38,12 @@ from tests.nginx_harness import (
     render,
     request,
 )
+from tests.proxy_stack import backends, header_values, wait_until_expired
 
 pytestmark = pytest.mark.nginx
 
 
 CONFIG = (ROOT / "deploy" / "authgate-example.toml").read_text()  # what make run uses
-
-TOKENS: dict[str, list[str]] = {
-    "ro": ["--key-type", "r--", "--user-id", "u-1", "--roles", "viewer"],
-    "rw": ["--key-type", "rw-"],
-    "rwd": ["--key-type", "rwd"],
-    "admin": ["--key-type", "r--", "--roles", "admin"],
-    "ip_denied": ["--key-type", "r--", "--ip", "203.0.113.0/24"],
-    "ip_ok": ["--key-type", "r--", "--ip", "127.0.0.0/8"],
-    "app": ["--key-type", "r--", "--app-id", "app-1"],
-    "perm": ["--key-type", "r--", "--permissions", "read:reports"],
-    "expiring": ["--key-type", "r--", "--expires-in", "1s"],
-    "revoked": ["--key-type", "r--"],
-    "deleted": ["--key-type", "r--"],
-    "cached": ["--key-type", "r--"],
-}
 
 
 @dataclass
@@ -94,102 +75,54 @@ class Stack:
         return request(port, self.target(call), method=call.method, headers=sent)
 
 
-def _create(env: dict[str, str], name: str, args: list[str]) -> dict[str, Any]:
-    base = ["token", "create", "--name", name, "--org", "acme", "--project", "tunes"]
-    created: dict[str, Any] = json.loads(run_cli(env, *base, *args, "--json").stdout)
-    return created
-
-
-def _flip_last(token: str) -> str:
-    return token[:-1] + ("A" if token[-1] != "A" else "B")
-
-
 @pytest.fixture(scope="module")
 def stack(valkey: Valkey, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    client = redis.Redis.from_url(valkey.url)
-    client.flushall()
-    client.close()
     work = tmp_path_factory.mktemp("gateway")
-    config = work / "authgate.toml"
-    config.write_text(CONFIG)
-    env = base_env(valkey.url, AUTHGATE_CONFIG=str(config))
-    started = []
     servers: list[Nginx] = []
-    hung = socket.socket()  # accepts connections (backlog) and never answers
-    hung.bind(("127.0.0.1", 0))
-    hung.listen(16)
-    echo = EchoUpstream().start()
-    try:
-        authgate = start_authgate(env)
-        started.append(authgate)
-        no_redis_env = base_env(f"redis://127.0.0.1:{free_port()}/0", AUTHGATE_CONFIG=str(config))
-        no_redis = start_authgate(no_redis_env, wait_ready=False)
-        started.append(no_redis)
-
-        with ThreadPoolExecutor(8) as pool:
-            futures = {n: pool.submit(_create, env, n, a) for n, a in TOKENS.items()}
-            tokens = {n: f.result() for n, f in futures.items()}
-        run_cli(env, "token", "revoke", tokens["revoked"]["id"])
-        run_cli(env, "token", "delete", tokens["deleted"]["id"])
-        ro = str(tokens["ro"]["token"])
-        tokens["short"] = {"token": "min_short"}
-        tokens["bad_checksum"] = {"token": _flip_last(ro)}
-        tokens["other_prefix"] = {"token": "ak_live_" + ro[len("min_") :]}
-        tokens["never_created"] = {"token": generate("min_")}  # well-formed, unknown
-        st = Stack(env, echo, tokens, authgate.port)
-
-        dead = f"127.0.0.1:{free_port()}"  # nothing listens here
-        neighbours = {
-            "main": (f"127.0.0.1:{authgate.port}", echo.address),
-            "redis_down": (f"127.0.0.1:{no_redis.port}", echo.address),
-            "authgate_down": (dead, echo.address),
-            "upstream_down": (f"127.0.0.1:{authgate.port}", dead),
-        }
-        binary = nginx_binary()
-        for name, (auth_addr, up_addr) in neighbours.items():
-            for suffix, quiet in (("", True), ("_verbose", False)):
+    with backends(valkey.url, work, CONFIG) as back:
+        try:
+            echo, authgate = back.echo, back.authgate
+            st = Stack(back.env, echo, back.tokens, authgate.port)
+            dead = f"127.0.0.1:{free_port()}"  # nothing listens here
+            neighbours = {
+                "main": (f"127.0.0.1:{authgate.port}", echo.address),
+                "redis_down": (f"127.0.0.1:{back.no_redis.port}", echo.address),
+                "authgate_down": (dead, echo.address),
+                "upstream_down": (f"127.0.0.1:{authgate.port}", dead),
+            }
+            binary = nginx_binary()
+            for name, (auth_addr, up_addr) in neighbours.items():
+                for suffix, quiet in (("", True), ("_verbose", False)):
+                    rendered = render(
+                        work / f"{name}{suffix}",
+                        authgate=auth_addr,
+                        upstream=up_addr,
+                        api_port=free_port(),
+                        share_port=free_port(),
+                        quiet_errors=quiet,
+                    )
+                    st.nginx[name + suffix] = Nginx(binary, rendered).start()
+                    servers.append(st.nginx[name + suffix])
+            extra = {
+                "hung": dict(authgate=back.hung, upstream=echo.address),
+                "impostor": dict(authgate=echo.address, upstream=echo.address),
+                "cached": dict(
+                    authgate=f"127.0.0.1:{authgate.port}", upstream=echo.address, cache=True
+                ),
+            }
+            for name, kw in extra.items():
                 rendered = render(
-                    work / f"{name}{suffix}",
-                    authgate=auth_addr,
-                    upstream=up_addr,
+                    work / name,
                     api_port=free_port(),
                     share_port=free_port(),
-                    quiet_errors=quiet,
+                    **kw,  # type: ignore[arg-type]
                 )
-                st.nginx[name + suffix] = Nginx(binary, rendered).start()
-                servers.append(st.nginx[name + suffix])
-        extra = {
-            "hung": dict(authgate=f"127.0.0.1:{hung.getsockname()[1]}", upstream=echo.address),
-            "impostor": dict(authgate=echo.address, upstream=echo.address),
-            "cached": dict(
-                authgate=f"127.0.0.1:{authgate.port}", upstream=echo.address, cache=True
-            ),
-        }
-        for name, kw in extra.items():
-            rendered = render(
-                work / name,
-                api_port=free_port(),
-                share_port=free_port(),
-                **kw,  # type: ignore[arg-type]
-            )
-            st.nginx[name] = Nginx(binary, rendered).start()
-            servers.append(st.nginx[name])
-        yield st
-    finally:
-        for server in servers:
-            server.stop()
-        for ag in started:
-            ag.stop()
-        echo.stop()
-        hung.close()
-
-
-def wait_until_expired(stack: Stack) -> None:
-    """The `expiring` token was made with --expires-in 1s: wait for that instant."""
-    expires = datetime.fromisoformat(stack.tokens["expiring"]["expires_at"].replace("Z", "+00:00"))
-    remaining = expires.timestamp() - time.time()
-    if remaining > -0.05:
-        time.sleep(remaining + 0.05)
+                st.nginx[name] = Nginx(binary, rendered).start()
+                servers.append(st.nginx[name])
+            yield st
+        finally:
+            for server in servers:
+                server.stop()
 
 
 # -- 1. what the client sees --------------------------------------------------------------
@@ -225,7 +158,7 @@ def test_denial_reaches_client_with_its_status_and_json_body(
     """Every decision-table denial arrives through nginx with the table's status and a JSON
     error body with its code (never a 500), and nothing reaches the upstream."""
     if call.header == "expiring":
-        wait_until_expired(stack)
+        wait_until_expired(stack.tokens)
     before = len(stack.echo.received)
     for via in (call.via, call.via + "_verbose"):
         if via not in stack.nginx:
@@ -267,10 +200,6 @@ def test_allowed_request_is_proxied_once(stack: Stack, call: Call) -> None:
 
 
 # -- 2. what the upstream receives -----------------------------------------------------------
-
-
-def header_values(record: dict[str, Any], name: str) -> list[str]:
-    return [v for k, v in record["headers"] if k.lower() == name.lower()]
 
 
 SPOOFED = [

@@ -31,6 +31,7 @@ from tests.echo_upstream import EchoUpstream
 from tests.envoy_harness import Envoy, gateway_config, new_ports, plain_config, send
 from tests.inproc import create, settings_for
 from tests.nginx_harness import Reply
+from tests.proxy_stack import header_values
 from tests.test_decision import ROWS, SCOPED, SYSTEM, Row, make_tokens, route_config
 
 FORMS = ["grpc", "http", "gateway"]
@@ -154,10 +155,6 @@ def error(reply: Reply) -> dict[str, Any]:
 
 def upstream_saw(stack: Stack) -> list[dict[str, Any]]:
     return stack.echo.received
-
-
-def header_values(record: dict[str, Any], name: str) -> list[str]:
-    return [v for k, v in record["headers"] if k.lower() == name]
 
 
 @pytest.mark.parametrize("row", ROWS)

@@ -19,8 +19,6 @@ the whole module produced.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import signal
 import socket
@@ -31,15 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
-from authgate.cli import main as cli_main
-from authgate.tokens import generate
-from tests.conftest import ROOT, Valkey, base_env, free_port, start_authgate
+from tests.conftest import ROOT, Valkey, free_port
 from tests.decision_rows import SPOOFED_ORIGINAL
 from tests.echo_upstream import APP_PAGE, EchoUpstream
 from tests.ingress_nginx_harness import DEBIAN_NGINX, Controller, load, lua_nginx, render
 from tests.nginx_harness import Nginx, Reply, nginx_binary, request
+from tests.proxy_stack import backends, header_values, wait_until_expired
 from tests.test_nginx_gateway import (
     ALLOWED,
     APPS,
@@ -47,12 +43,8 @@ from tests.test_nginx_gateway import (
     SCOPED,
     SPOOFED,
     SYSTEM,
-    TOKENS,
     Call,
-    _flip_last,
     both,
-    header_values,
-    wait_until_expired,
 )
 
 pytestmark = pytest.mark.nginx
@@ -66,33 +58,6 @@ FORMS = ["annotations", "snippets", "keepalive", "snippets_verbose"]
 
 # Without snippets nginx answers a denial itself: only 401 and 403, its own HTML page.
 FOLDED = {401: 401, 403: 403, 404: 401, 503: 401, 400: 403}
-
-
-def cli(env: dict[str, str], *args: str) -> Any:
-    """`authgate ARGS --json` run in this process (the CLI's own code, without a Python
-    start-up per token), its JSON output parsed."""
-    out = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
-        for key, value in env.items():
-            if key.startswith("AUTHGATE_"):
-                mp.setenv(key, value)
-        assert cli_main([*args, "--json"]) == 0
-    return json.loads(out.getvalue())
-
-
-def make_tokens(env: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """The tokens of test_nginx_gateway's TOKENS (revoked and deleted ones too) plus
-    malformed and unknown ones."""
-    base = ["token", "create", "--org", "acme", "--project", "tunes"]
-    tokens = {n: cli(env, *base, "--name", n, *a) for n, a in TOKENS.items()}
-    cli(env, "token", "revoke", tokens["revoked"]["id"])
-    cli(env, "token", "delete", tokens["deleted"]["id"])
-    ro = str(tokens["ro"]["token"])
-    tokens["short"] = {"token": "min_short"}
-    tokens["bad_checksum"] = {"token": _flip_last(ro)}
-    tokens["other_prefix"] = {"token": "ak_live_" + ro[len("min_") :]}
-    tokens["never_created"] = {"token": generate("min_")}
-    return tokens
 
 
 def stop_all(servers: list[Nginx]) -> None:
@@ -157,59 +122,40 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(valkey: Valkey, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    client = redis.Redis.from_url(valkey.url)
-    client.flushall()
-    client.close()
     work = tmp_path_factory.mktemp("ingress-nginx")
-    config = work / "authgate.toml"
-    config.write_text(CONFIG)
-    env = base_env(valkey.url, AUTHGATE_CONFIG=str(config))
-    started = []
     servers: list[Nginx] = []
-    echo = EchoUpstream().start()
-    hung = socket.socket()  # accepts connections (backlog) and never answers
-    hung.bind(("127.0.0.1", 0))
-    hung.listen(16)
-    try:
-        authgate = start_authgate(env)
-        started.append(authgate)
-        no_redis_env = base_env(f"redis://127.0.0.1:{free_port()}/0", AUTHGATE_CONFIG=str(config))
-        no_redis = start_authgate(no_redis_env, wait_ready=False)
-        started.append(no_redis)
-        tokens = make_tokens(env)
-        st = Stack(echo, tokens)
-        neighbours = {
-            "": f"127.0.0.1:{authgate.port}",
-            "_redis_down": f"127.0.0.1:{no_redis.port}",
-            "_authgate_down": f"127.0.0.1:{free_port()}",  # nothing listens there
-            "_hung": f"127.0.0.1:{hung.getsockname()[1]}",
-            "_impostor": echo.address,  # answers 200 without X-Authgate-Uri
-        }
-        wanted = [("defaults", ""), ("keepalive_declared", ""), ("forwarded_headers", "")]
-        wanted += [("snippets", "_hung"), ("snippets", "_impostor")]
-        wanted += [(form, via) for form in FORMS for via in list(neighbours)[:3]]
-        for form, via in wanted:
-            lua = form.startswith("keepalive")
-            if lua and NO_LUA:
-                continue
-            rendered = render(
-                controller(form),
-                work / f"{form}{via}",
-                authgate=neighbours[via],
-                upstream=echo.address,
-                port=free_port(),
-                lua=lua,
-            )
-            binary = DEBIAN_NGINX if lua else nginx_binary()
-            st.nginx[form + via] = Nginx(binary, rendered).start()
-            servers.append(st.nginx[form + via])
-        yield st
-    finally:
-        stop_all(servers)
-        for ag in started:
-            ag.stop()
-        echo.stop()
-        hung.close()
+    with backends(valkey.url, work, CONFIG) as back:
+        try:
+            echo = back.echo
+            st = Stack(echo, back.tokens)
+            neighbours = {
+                "": f"127.0.0.1:{back.authgate.port}",
+                "_redis_down": f"127.0.0.1:{back.no_redis.port}",
+                "_authgate_down": f"127.0.0.1:{free_port()}",  # nothing listens there
+                "_hung": back.hung,
+                "_impostor": echo.address,  # answers 200 without X-Authgate-Uri
+            }
+            wanted = [("defaults", ""), ("keepalive_declared", ""), ("forwarded_headers", "")]
+            wanted += [("snippets", "_hung"), ("snippets", "_impostor")]
+            wanted += [(form, via) for form in FORMS for via in list(neighbours)[:3]]
+            for form, via in wanted:
+                lua = form.startswith("keepalive")
+                if lua and NO_LUA:
+                    continue
+                rendered = render(
+                    controller(form),
+                    work / f"{form}{via}",
+                    authgate=neighbours[via],
+                    upstream=echo.address,
+                    port=free_port(),
+                    lua=lua,
+                )
+                binary = DEBIAN_NGINX if lua else nginx_binary()
+                st.nginx[form + via] = Nginx(binary, rendered).start()
+                servers.append(st.nginx[form + via])
+            yield st
+        finally:
+            stop_all(servers)
 
 
 def error_of(reply: Reply) -> dict[str, Any]:
@@ -231,7 +177,7 @@ def test_snippets_give_every_denial_its_status_and_json_body(
     included) reaches the client with the table's status and authgate's JSON error (a raw
     path not in normal form: 400 BAD_REQUEST), and nothing reaches the upstream."""
     if call.header == "expiring":
-        wait_until_expired(stack)  # type: ignore[arg-type]
+        wait_until_expired(stack.tokens)  # type: ignore[arg-type]
     stack.echo.clear()
     reply = stack.send(form, call)
     if raw_refused(call):  # the controller's X-Original-URL carries the raw path
@@ -251,7 +197,7 @@ def test_without_snippets_denials_are_nginx_401_or_403_pages(
     own 401 or 403 page (404 and 503 as 401, 400 as 403), and a 500 when authgate is
     stopped; nothing reaches the upstream."""
     if call.header == "expiring":
-        wait_until_expired(stack)  # type: ignore[arg-type]
+        wait_until_expired(stack.tokens)  # type: ignore[arg-type]
     stack.echo.clear()
     reply = stack.send(form, call)
     if raw_refused(call):

@@ -33,13 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import yaml
 
-from tests.conftest import ROOT, Valkey, base_env, free_port, start_authgate
-from tests.echo_upstream import EchoUpstream
+from tests.conftest import ROOT, Valkey, free_port
 from tests.ingress_nginx_harness import K8S, kustomize
 from tests.nginx_harness import Nginx, Rendered, Reply, nginx_binary
+from tests.proxy_stack import backends, header_values, wait_until_expired
 from tests.test_nginx_gateway import (
     ALLOWED,
     DENIED,
@@ -48,15 +47,12 @@ from tests.test_nginx_gateway import (
     SYSTEM,
     Call,
     both,
-    header_values,
-    wait_until_expired,
 )
 from tests.test_proxy_ingress_nginx import (
     ACTED_ON,
     DISGUISED,
     FOLDED,
     Stack,
-    make_tokens,
     raw_refused,
     stop_all,
 )
@@ -254,52 +250,38 @@ def render(route: Route, prefix: Path, *, authgate: str, upstream: str, port: in
 
 @pytest.fixture(scope="module")
 def stack(valkey: Valkey, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    client = redis.Redis.from_url(valkey.url)
-    client.flushall()
-    client.close()
     work = tmp_path_factory.mktemp("ngf")
-    config = work / "authgate.toml"
-    config.write_text(CONFIG)
-    env = base_env(valkey.url, AUTHGATE_CONFIG=str(config))
-    started = []
     servers: list[Nginx] = []
-    echo = EchoUpstream().start()
-    try:
-        authgate = start_authgate(env)
-        started.append(authgate)
-        no_redis_env = base_env(f"redis://127.0.0.1:{free_port()}/0", AUTHGATE_CONFIG=str(config))
-        no_redis = start_authgate(no_redis_env, wait_ready=False)
-        started.append(no_redis)
-        tokens = make_tokens(env)
-        st = Stack(echo, tokens)
-        plain, snippets = load(), load(with_snippets(work / "kustomization"))
-        down = f"127.0.0.1:{free_port()}"  # nothing listens there
-        instances = {
-            "ngf": (plain, f"127.0.0.1:{authgate.port}"),
-            "ngf_redis_down": (plain, f"127.0.0.1:{no_redis.port}"),
-            "ngf_authgate_down": (plain, down),
-            "defaults": (load(logging=False), f"127.0.0.1:{authgate.port}"),
-            "ngf_snippets": (snippets, f"127.0.0.1:{authgate.port}"),
-            "ngf_snippets_redis_down": (snippets, f"127.0.0.1:{no_redis.port}"),
-            "ngf_snippets_authgate_down": (snippets, down),
-            "ngf_snippets_impostor": (snippets, echo.address),  # 200 without X-Authgate-Uri
-        }
-        for name, (route, address) in instances.items():
-            rendered = render(
-                route,
-                work / name,
-                authgate=address,
-                upstream=echo.address,
-                port=free_port(),
-            )
-            st.nginx[name] = Nginx(nginx_binary(), rendered).start()
-            servers.append(st.nginx[name])
-        yield st
-    finally:
-        stop_all(servers)
-        for ag in started:
-            ag.stop()
-        echo.stop()
+    with backends(valkey.url, work, CONFIG) as back:
+        try:
+            echo, main = back.echo, f"127.0.0.1:{back.authgate.port}"
+            no_redis = f"127.0.0.1:{back.no_redis.port}"
+            st = Stack(echo, back.tokens)
+            plain, snippets = load(), load(with_snippets(work / "kustomization"))
+            down = f"127.0.0.1:{free_port()}"  # nothing listens there
+            instances = {
+                "ngf": (plain, main),
+                "ngf_redis_down": (plain, no_redis),
+                "ngf_authgate_down": (plain, down),
+                "defaults": (load(logging=False), main),
+                "ngf_snippets": (snippets, main),
+                "ngf_snippets_redis_down": (snippets, no_redis),
+                "ngf_snippets_authgate_down": (snippets, down),
+                "ngf_snippets_impostor": (snippets, echo.address),  # 200 without X-Authgate-Uri
+            }
+            for name, (route, address) in instances.items():
+                rendered = render(
+                    route,
+                    work / name,
+                    authgate=address,
+                    upstream=echo.address,
+                    port=free_port(),
+                )
+                st.nginx[name] = Nginx(nginx_binary(), rendered).start()
+                servers.append(st.nginx[name])
+            yield st
+        finally:
+            stop_all(servers)
 
 
 @pytest.mark.parametrize(("call", "status", "code"), DENIED)
@@ -310,7 +292,7 @@ def test_denials_are_nginx_401_or_403_pages(
     403 page (404 and 503 as 401, 400 as 403), a 500 when authgate is stopped, and the
     upstream nothing."""
     if call.header == "expiring":
-        wait_until_expired(stack)  # type: ignore[arg-type]
+        wait_until_expired(stack.tokens)
     stack.echo.clear()
     reply = stack.send("ngf", call)
     if raw_refused(call):
@@ -418,7 +400,7 @@ def test_snippets_give_every_denial_its_status_and_json_body(
     reaches the client with the table's status and authgate's JSON error, and nothing
     reaches the upstream."""
     if call.header == "expiring":
-        wait_until_expired(stack)  # type: ignore[arg-type]
+        wait_until_expired(stack.tokens)
     stack.echo.clear()
     reply = stack.send("ngf_snippets", call)
     if raw_refused(call):  # NGF's Path header carries the raw path

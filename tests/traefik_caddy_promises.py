@@ -1,61 +1,40 @@
 """SPEC §4's promises, as tests that run through a real proxy (Traefik or Caddy).
 
-`neighbours` starts what a proxy talks to: a flushed Valkey's authgate, one without Redis,
-one the tests stop, a port that never answers, an impostor, the tokens of `TOKENS` and an
-echo upstream. `ProxyPromises` holds the tests; a test module subclasses it as `Test…`
-and provides a module-scoped `gateway` fixture (a `Gateway`: the proxy and its sites).
+`neighbours` starts what a proxy talks to: the backends of `tests/proxy_stack.py` (authgate
+with and without Redis, a port that never answers, the echo upstream, the tokens) and an
+authgate the tests stop. `ProxyPromises` holds the tests; a test module subclasses it as
+`Test…` and provides a module-scoped `gateway` fixture (a `Gateway`: the proxy and its sites).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
-from authgate.tokens import generate
 from tests.conftest import (
     ROOT,
     AuthgateProcess,
     Valkey,
-    base_env,
     free_port,
-    run_cli,
     start_authgate,
 )
 from tests.decision_rows import APPS, OTHER, REPORTS, SCOPED, SPOOFED_ORIGINAL, SYSTEM, Call, both
 from tests.decision_rows import DENIED as EVERY_DENIAL
 from tests.echo_upstream import EchoUpstream
+from tests.proxy_stack import backends, header_values, wait_until_expired
 from tests.traefik_caddy_harness import Proxy, Reply, Site, send
 
 # -- the stack: Valkey, authgate processes, tokens, an echo upstream ------------------------
 
 CONFIG = (ROOT / "deploy" / "authgate-example.toml").read_text()
 
-TOKENS: dict[str, list[str]] = {
-    "ro": ["--key-type", "r--", "--user-id", "u-1", "--roles", "viewer"],
-    "rw": ["--key-type", "rw-"],
-    "rwd": ["--key-type", "rwd"],
-    "admin": ["--key-type", "r--", "--roles", "admin"],
-    "ip_denied": ["--key-type", "r--", "--ip", "203.0.113.0/24"],
-    "ip_private": ["--key-type", "r--", "--ip", "10.1.2.3/32"],
-    "ip_ok": ["--key-type", "r--", "--ip", "127.0.0.0/8"],
-    "ip_client": ["--key-type", "r--", "--ip", "127.0.0.2/32"],
-    "app": ["--key-type", "r--", "--app-id", "app-1"],
-    "perm": ["--key-type", "r--", "--permissions", "read:reports"],
-    "expiring": ["--key-type", "r--", "--expires-in", "1s"],
-    "revoked": ["--key-type", "r--"],
-    "deleted": ["--key-type", "r--"],
-}
 # Sites every gateway has: authgate with its Redis, without it, not listening at all,
 # accepting connections but never answering, one the tests stop; authgate with an
 # upstream that is not listening; and an impostor that allows everything without saying
@@ -108,12 +87,6 @@ class Gateway:
         return send(port, self.target(call), method=call.method, headers=sent, source=source)
 
 
-def _create(env: dict[str, str], name: str, args: list[str]) -> dict[str, Any]:
-    base = ["token", "create", "--name", name, "--org", "acme", "--project", "tunes"]
-    created: dict[str, Any] = json.loads(run_cli(env, *base, *args, "--json").stdout)
-    return created
-
-
 @dataclass
 class Neighbours:
     """What the proxies talk to: authgate processes, a hung port, tokens, the echo."""
@@ -132,63 +105,22 @@ class Neighbours:
         return [Site(prefix + n, self.addresses[n], upstream(n), form) for n in NEIGHBOURS]
 
 
-def _flip_last(token: str) -> str:
-    return token[:-1] + ("A" if token[-1] != "A" else "B")
-
-
 def neighbours(valkey: Valkey, work: Path) -> Iterator[Neighbours]:
-    """Valkey flushed, authgate (with and without Redis, and one to stop), a port that
-    never answers, the tokens of TOKENS, an echo upstream; all stopped afterwards."""
-    client = redis.Redis.from_url(valkey.url)
-    client.flushall()
-    client.close()
-    config = work / "authgate.toml"
-    config.write_text(CONFIG)
-    env = base_env(valkey.url, AUTHGATE_CONFIG=str(config))
-    authgates: dict[str, AuthgateProcess] = {}
-    hung = socket.socket()  # accepts connections (backlog) and never answers
-    hung.bind(("127.0.0.1", 0))
-    hung.listen(64)
-    echo = EchoUpstream().start()
-    try:
-        authgates["main"] = start_authgate(env)
-        authgates["stopped"] = start_authgate(env)
-        no_redis = base_env(f"redis://127.0.0.1:{free_port()}/0", AUTHGATE_CONFIG=str(config))
-        authgates["redis_down"] = start_authgate(no_redis, wait_ready=False)
-        with ThreadPoolExecutor(6) as pool:
-            futures = {n: pool.submit(_create, env, n, a) for n, a in TOKENS.items()}
-            tokens = {n: f.result() for n, f in futures.items()}
-        run_cli(env, "token", "revoke", tokens["revoked"]["id"])
-        run_cli(env, "token", "delete", tokens["deleted"]["id"])
-        ro = str(tokens["ro"]["token"])
-        tokens["short"] = {"token": "min_short"}
-        tokens["bad_checksum"] = {"token": _flip_last(ro)}
-        tokens["other_prefix"] = {"token": "ak_live_" + ro[len("min_") :]}
-        tokens["never_created"] = {"token": generate("min_")}
-        addresses = {n: f"127.0.0.1:{a.port}" for n, a in authgates.items()}
-        dead = f"127.0.0.1:{free_port()}"  # nothing listens here
-        addresses["authgate_down"] = dead
-        addresses["upstream_down"] = addresses["main"]
-        addresses["hung"] = f"127.0.0.1:{hung.getsockname()[1]}"
-        addresses["impostor"] = echo.address
-        yield Neighbours(env, echo, tokens, authgates, addresses, dead)
-    finally:
-        for ag in authgates.values():
-            ag.stop()
-        echo.stop()
-        hung.close()
-
-
-def wait_until_expired(gw: Gateway) -> None:
-    """The `expiring` token was made with --expires-in 1s: wait for that instant."""
-    expires = datetime.fromisoformat(gw.tokens["expiring"]["expires_at"].replace("Z", "+00:00"))
-    remaining = expires.timestamp() - time.time()
-    if remaining > -0.05:
-        time.sleep(remaining + 0.05)
-
-
-def header_values(record: dict[str, Any], name: str) -> list[str]:
-    return [v for k, v in record["headers"] if k.lower() == name.lower()]
+    """The backends (tests/proxy_stack.py) and one more authgate, the one tests stop;
+    all stopped afterwards."""
+    with backends(valkey.url, work, CONFIG) as back:
+        stopped = start_authgate(back.env)
+        try:
+            authgates = {"main": back.authgate, "stopped": stopped, "redis_down": back.no_redis}
+            addresses = {n: f"127.0.0.1:{a.port}" for n, a in authgates.items()}
+            dead = f"127.0.0.1:{free_port()}"  # nothing listens here
+            addresses["authgate_down"] = dead
+            addresses["upstream_down"] = addresses["main"]
+            addresses["hung"] = back.hung
+            addresses["impostor"] = back.echo.address
+            yield Neighbours(back.env, back.echo, back.tokens, authgates, addresses, dead)
+        finally:
+            stopped.stop()
 
 
 # -- the promises, as tests ----------------------------------------------------------------
@@ -274,7 +206,7 @@ class ProxyPromises:
         the table's status and a JSON error body with its code, not to be cached; nothing
         reaches the upstream."""
         if call.header == "expiring":
-            wait_until_expired(gateway)
+            wait_until_expired(gateway.tokens)
         before = len(gateway.echo.received)
         reply = gateway.send(call)
         assert reply.status == status, reply.body
