@@ -75,9 +75,7 @@ class QueryReader:
             key, _, value = query.partition("=")
             label = self.tokens.get(key)
             if label is not None:
-                if "%" in value or "+" in value or len(value) > MAX_VALUE:
-                    value = _value(value)
-                value = value.strip()
+                value = _value(value).strip()
                 return [], {label: [value]} if value else {}, ""
         pairs = query.count("&")
         if ";" in query:
@@ -110,10 +108,7 @@ class QueryReader:
             if label is None:
                 apps.append(_value(raw[start + 1 : end]))
                 continue
-            value = raw[start + 1 : end]
-            if "%" in value or "+" in value or len(value) > MAX_VALUE:
-                value = _value(value)
-            if value := value.strip():
+            if value := _value(raw[start + 1 : end]).strip():
                 found.setdefault(label, []).append(value)
             kept.append(raw[last:at])
             last = end
