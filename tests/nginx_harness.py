@@ -279,13 +279,18 @@ def request(
     body: bytes | None = None,
     source: str | None = None,
     timeout: float = 10.0,
+    host: str | None = None,
 ) -> Reply:
-    """Send one request with `target` exactly as given (no normalisation, no encoding)."""
+    """Send one request with `target` exactly as given (no normalisation, no encoding),
+    from `source` (a loopback address; default 127.0.0.1), with Host `host` (default the
+    address it is sent to)."""
     conn = http.client.HTTPConnection(
         "127.0.0.1", port, timeout=timeout, source_address=(source, 0) if source else None
     )
     try:
-        conn.putrequest(method, target, skip_accept_encoding=True)
+        conn.putrequest(method, target, skip_host=host is not None, skip_accept_encoding=True)
+        if host is not None:
+            conn.putheader("Host", host)
         items = list(headers.items()) if isinstance(headers, Mapping) else list(headers or [])
         for name, value in items:
             conn.putheader(name, value)

@@ -18,7 +18,6 @@ what runs through them.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
@@ -323,19 +322,14 @@ def send(
 ) -> Reply:
     """One request with `target` exactly as given, Host api.example.com, from `source`
     (a loopback address; default 127.0.0.1)."""
-    conn = http.client.HTTPConnection(
-        "127.0.0.1", port, timeout=timeout, source_address=(source, 0) if source else None
+    reply = nginx_harness.request(
+        port,
+        target,
+        method=method,
+        headers=headers,
+        body=body,
+        source=source,
+        timeout=timeout,
+        host=HOST,
     )
-    try:
-        conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-        conn.putheader("Host", HOST)
-        for name, value in headers or []:
-            conn.putheader(name, value)
-        if body is not None:
-            conn.putheader("Content-Length", str(len(body)))
-        conn.endheaders(body)
-        resp = conn.getresponse()
-        data = resp.read()
-        return Reply(resp.status, list(resp.getheaders()), data)
-    finally:
-        conn.close()
+    return Reply(reply.status, reply.headers, reply.body)
