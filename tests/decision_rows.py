@@ -77,6 +77,22 @@ DENIED = [
 ]
 
 
+# Requests every proxy must let through to the upstream.
+ALLOWED = [
+    pytest.param(both("ro"), id="read-scoped"),
+    pytest.param(both("ro", method="HEAD"), id="head"),
+    pytest.param(both("ro", method="OPTIONS"), id="options"),
+    pytest.param(both("rw", method="POST"), id="write"),
+    pytest.param(both("rwd", method="DELETE"), id="delete"),
+    pytest.param(both("admin", SYSTEM), id="system-admin"),
+    pytest.param(both("perm", REPORTS), id="permissions"),
+    pytest.param(both("ip_ok"), id="ip-allowed"),
+    pytest.param(both("app", APPS, query="app_id=app-1"), id="app-bound"),
+    pytest.param(both("ro", APPS, query="app_id=any"), id="app-unbound-token"),
+    pytest.param(both("ro", OTHER), id="default-route"),
+]
+
+
 # A client's own proxy headers, each naming another request than the one it sends: the
 # request must be judged as sent (`code`), whatever the spoofed header says.
 SPOOFED_ORIGINAL = [

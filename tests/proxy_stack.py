@@ -22,6 +22,7 @@ import redis
 from authgate.cli import main as cli_main
 from authgate.tokens import generate
 from tests.conftest import AuthgateProcess, base_env, free_port, start_authgate
+from tests.decision_rows import Call
 from tests.echo_upstream import EchoUpstream
 
 TOKENS: dict[str, list[str]] = {
@@ -84,6 +85,24 @@ def wait_until_expired(tokens: Mapping[str, Mapping[str, Any]]) -> None:
 def header_values(record: dict[str, Any], name: str) -> list[str]:
     """The values of header `name` in an echo upstream record, any letter case."""
     return [v for k, v in record["headers"] if k.lower() == name.lower()]
+
+
+class Tokens:
+    """What a suite's stack does with its tokens (a dataclass field `tokens`): a token's
+    value by name, every value (for leak checks), and a call's target with its `pwt`s."""
+
+    tokens: dict[str, dict[str, Any]]
+
+    def value(self, name: str) -> str:
+        return str(self.tokens[name]["token"])
+
+    def secrets(self) -> list[str]:
+        return [str(t["token"]) for t in self.tokens.values()]
+
+    def target(self, call: Call) -> str:
+        params = [call.query] if call.query else []
+        params += [f"pwt={self.value(n)}" for n in call.pwt]
+        return call.path + ("?" + "&".join(params) if params else "")
 
 
 @dataclass

@@ -24,7 +24,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, Valkey, free_port, run_cli
-from tests.decision_rows import APPS, OTHER, REPORTS, SCOPED, SPOOFED_ORIGINAL, SYSTEM, Call, both
+from tests.decision_rows import (
+    ALLOWED,
+    SCOPED,
+    SPOOFED_ORIGINAL,
+    SYSTEM,
+    Call,
+    both,
+)
 from tests.decision_rows import DENIED as EVERY_DENIAL
 from tests.echo_upstream import EchoUpstream
 from tests.nginx_harness import (
@@ -38,7 +45,7 @@ from tests.nginx_harness import (
     render,
     request,
 )
-from tests.proxy_stack import backends, header_values, wait_until_expired
+from tests.proxy_stack import Tokens, backends, header_values, wait_until_expired
 
 pytestmark = pytest.mark.nginx
 
@@ -47,23 +54,12 @@ CONFIG = (ROOT / "deploy" / "authgate-example.toml").read_text()  # what make ru
 
 
 @dataclass
-class Stack:
+class Stack(Tokens):
     env: dict[str, str]
     echo: EchoUpstream
     tokens: dict[str, dict[str, Any]]
     authgate_port: int = 0
     nginx: dict[str, Nginx] = field(default_factory=dict)
-
-    def value(self, name: str) -> str:
-        return str(self.tokens[name]["token"])
-
-    def secrets(self) -> list[str]:
-        return [str(t["token"]) for t in self.tokens.values()]
-
-    def target(self, call: Call) -> str:
-        params = [call.query] if call.query else []
-        params += [f"pwt={self.value(n)}" for n in call.pwt]
-        return call.path + ("?" + "&".join(params) if params else "")
 
     def send(
         self, call: Call, via: str | None = None, headers: list[tuple[str, str]] | None = None
@@ -171,21 +167,6 @@ def test_denial_reaches_client_with_its_status_and_json_body(
         assert error["code"] == code
         assert set(error) == {"code", "message", "details"}
     assert stack.echo.received[before:] == []
-
-
-ALLOWED = [
-    pytest.param(both("ro"), id="read-scoped"),
-    pytest.param(both("ro", method="HEAD"), id="head"),
-    pytest.param(both("ro", method="OPTIONS"), id="options"),
-    pytest.param(both("rw", method="POST"), id="write"),
-    pytest.param(both("rwd", method="DELETE"), id="delete"),
-    pytest.param(both("admin", SYSTEM), id="system-admin"),
-    pytest.param(both("perm", REPORTS), id="permissions"),
-    pytest.param(both("ip_ok"), id="ip-allowed"),
-    pytest.param(both("app", APPS, query="app_id=app-1"), id="app-bound"),
-    pytest.param(both("ro", APPS, query="app_id=any"), id="app-unbound-token"),
-    pytest.param(both("ro", OTHER), id="default-route"),
-]
 
 
 @pytest.mark.parametrize("call", ALLOWED)

@@ -31,21 +31,12 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, Valkey, free_port
-from tests.decision_rows import SPOOFED_ORIGINAL
+from tests.decision_rows import ALLOWED, APPS, SCOPED, SPOOFED_ORIGINAL, SYSTEM, Call, both
 from tests.echo_upstream import APP_PAGE, EchoUpstream
 from tests.ingress_nginx_harness import DEBIAN_NGINX, Controller, load, lua_nginx, render
 from tests.nginx_harness import Nginx, Reply, nginx_binary, request
-from tests.proxy_stack import backends, header_values, wait_until_expired
-from tests.test_nginx_gateway import (
-    ALLOWED,
-    APPS,
-    DENIED,
-    SCOPED,
-    SPOOFED,
-    SYSTEM,
-    Call,
-    both,
-)
+from tests.proxy_stack import Tokens, backends, header_values, wait_until_expired
+from tests.test_nginx_gateway import DENIED, SPOOFED
 
 pytestmark = pytest.mark.nginx
 
@@ -92,21 +83,10 @@ def controller(form: str) -> Controller:
 
 
 @dataclass
-class Stack:
+class Stack(Tokens):
     echo: EchoUpstream
     tokens: dict[str, dict[str, Any]]
     nginx: dict[str, Nginx] = field(default_factory=dict)
-
-    def value(self, name: str) -> str:
-        return str(self.tokens[name]["token"])
-
-    def secrets(self) -> list[str]:
-        return [str(t["token"]) for t in self.tokens.values()]
-
-    def target(self, call: Call) -> str:
-        params = [call.query] if call.query else []
-        params += [f"pwt={self.value(n)}" for n in call.pwt]
-        return call.path + ("?" + "&".join(params) if params else "")
 
     def send(self, form: str, call: Call, headers: list[tuple[str, str]] | None = None) -> Reply:
         """`call` through `form` against authgate `call.via`."""

@@ -36,18 +36,11 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, Valkey, free_port
+from tests.decision_rows import ALLOWED, SCOPED, SYSTEM, Call, both
 from tests.ingress_nginx_harness import K8S, kustomize
 from tests.nginx_harness import Nginx, Rendered, Reply, nginx_binary
 from tests.proxy_stack import backends, header_values, wait_until_expired
-from tests.test_nginx_gateway import (
-    ALLOWED,
-    DENIED,
-    SCOPED,
-    SPOOFED,
-    SYSTEM,
-    Call,
-    both,
-)
+from tests.test_nginx_gateway import DENIED, SPOOFED
 from tests.test_proxy_ingress_nginx import (
     ACTED_ON,
     DISGUISED,

@@ -25,10 +25,17 @@ from tests.conftest import (
     free_port,
     start_authgate,
 )
-from tests.decision_rows import APPS, OTHER, REPORTS, SCOPED, SPOOFED_ORIGINAL, SYSTEM, Call, both
+from tests.decision_rows import (
+    ALLOWED,
+    SCOPED,
+    SPOOFED_ORIGINAL,
+    SYSTEM,
+    Call,
+    both,
+)
 from tests.decision_rows import DENIED as EVERY_DENIAL
 from tests.echo_upstream import EchoUpstream
-from tests.proxy_stack import backends, header_values, wait_until_expired
+from tests.proxy_stack import Tokens, backends, header_values, wait_until_expired
 from tests.traefik_caddy_harness import Proxy, Reply, Site, send
 
 # -- the stack: Valkey, authgate processes, tokens, an echo upstream ------------------------
@@ -51,7 +58,7 @@ NEIGHBOURS = (
 
 
 @dataclass
-class Gateway:
+class Gateway(Tokens):
     """A proxy in front of the neighbours, with the tokens and the upstream it serves."""
 
     proxy: Proxy
@@ -60,19 +67,8 @@ class Gateway:
     authgates: dict[str, AuthgateProcess]
     prefix: str = ""  # site names: prefix + neighbour
 
-    def value(self, name: str) -> str:
-        return str(self.tokens[name]["token"])
-
-    def secrets(self) -> list[str]:
-        return [str(t["token"]) for t in self.tokens.values()]
-
     def port(self, via: str = "main") -> int:
         return self.proxy.ports[self.prefix + via]
-
-    def target(self, call: Call) -> str:
-        params = [call.query] if call.query else []
-        params += [f"pwt={self.value(n)}" for n in call.pwt]
-        return call.path + ("?" + "&".join(params) if params else "")
 
     def send(
         self,
@@ -138,20 +134,6 @@ SYSTEM_SPELLINGS = [
     pytest.param("/minimal/api%2Fsystem/health", id="encoded-slash"),
     pytest.param("/minimal/api/rest/v1/acme/tunes/../../../../system/health", id="dot-segments"),
     pytest.param("/minimal/api/rest/v1/acme/tunes/..%2F..%2F..%2F..%2Fsystem/health", id="mixed"),
-]
-
-ALLOWED = [
-    pytest.param(both("ro"), id="read-scoped"),
-    pytest.param(both("ro", method="HEAD"), id="head"),
-    pytest.param(both("ro", method="OPTIONS"), id="options"),
-    pytest.param(both("rw", method="POST"), id="write"),
-    pytest.param(both("rwd", method="DELETE"), id="delete"),
-    pytest.param(both("admin", SYSTEM), id="system-admin"),
-    pytest.param(both("perm", REPORTS), id="permissions"),
-    pytest.param(both("ip_ok"), id="ip-allowed"),
-    pytest.param(both("app", APPS, query="app_id=app-1"), id="app-bound"),
-    pytest.param(both("ro", APPS, query="app_id=any"), id="app-unbound-token"),
-    pytest.param(both("ro", OTHER), id="default-route"),
 ]
 
 SPOOFED = [
