@@ -275,3 +275,17 @@ def authgate_server(cli_env: dict[str, str]) -> Iterator[AuthgateProcess]:
     ag = start_authgate(cli_env, admin=True)
     yield ag
     ag.stop()
+
+
+@pytest.fixture(scope="module")
+def admin_server(valkey: Valkey) -> Iterator[AuthgateProcess]:
+    """`authgate serve` with AUTHGATE_ADMIN_LISTEN, shared by the module that asks for it."""
+    ag = start_authgate(base_env(valkey.url), admin=True)
+    yield ag
+    ag.stop()
+
+
+@pytest.fixture
+def ag(admin_server: AuthgateProcess, redis_url: str) -> AuthgateProcess:
+    """The module's `admin_server`, with the database flushed for this test."""
+    return admin_server

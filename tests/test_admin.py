@@ -33,7 +33,6 @@ from authgate.model import ATTRIBUTES, validate_spec
 from authgate.store import TokenStore
 from tests.conftest import (
     AuthgateProcess,
-    Valkey,
     base_env,
     run_cli,
     start_authgate,
@@ -48,20 +47,6 @@ TOKEN_VALUE = re.compile(r"min_[0-9A-Za-z]{38}")
 
 
 # -- fixtures and helpers ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server(valkey: Valkey) -> Iterator[AuthgateProcess]:
-    """`authgate serve` with AUTHGATE_ADMIN_LISTEN, shared by this module."""
-    ag = start_authgate(base_env(valkey.url), admin=True)
-    yield ag
-    ag.stop()
-
-
-@pytest.fixture
-def ag(server: AuthgateProcess, redis_url: str) -> AuthgateProcess:
-    """The module's server, with the database flushed for this test."""
-    return server
-
-
 def conforms(body: Any, schema: str) -> None:
     """`body` validates against components/schemas/<schema> of the published document."""
     ref = {"$ref": f"urn:authgate#/components/schemas/{schema}"}

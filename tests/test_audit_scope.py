@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
-import pytest
 
-from tests.conftest import AuthgateProcess, Valkey, base_env, start_authgate
+from tests.conftest import AuthgateProcess
 from tests.test_admin import call, mint
-
-
-@pytest.fixture(scope="module")
-def server(valkey: Valkey) -> Iterator[AuthgateProcess]:
-    ag = start_authgate(base_env(valkey.url), admin=True)
-    yield ag
-    ag.stop()
-
-
-@pytest.fixture
-def ag(server: AuthgateProcess, redis_url: str) -> AuthgateProcess:
-    return server
 
 
 def events(ag: AuthgateProcess, token: str, **params: str) -> httpx.Response:

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import orjson
-import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
@@ -30,7 +28,7 @@ from authgate.backend import connect
 from authgate.config import load_settings
 from authgate.metrics import Metrics
 from authgate.store import TokenStore
-from tests.conftest import AuthgateProcess, Valkey, base_env, start_authgate
+from tests.conftest import AuthgateProcess, base_env
 from tests.test_admin import call, keys_snapshot, mint
 
 DOC = openapi.build()
@@ -61,18 +59,6 @@ def check_answer(method: str, path: str, resp: httpx.Response) -> None:
     assert not errors, f"{method} {path} {resp.status_code}: {errors[0].message}"
     for header in answer.get("headers", {}):
         assert header.lower() in resp.headers, f"{header} missing"
-
-
-@pytest.fixture(scope="module")
-def server(valkey: Valkey) -> Iterator[AuthgateProcess]:
-    ag = start_authgate(base_env(valkey.url), admin=True)
-    yield ag
-    ag.stop()
-
-
-@pytest.fixture
-def ag(server: AuthgateProcess, redis_url: str) -> AuthgateProcess:
-    return server
 
 
 def test_document_is_valid_openapi_31() -> None:
