@@ -10,7 +10,6 @@ become free loopback ports, and the access log a file the tests scan.
 from __future__ import annotations
 
 import copy
-import http.client
 import importlib.metadata
 import os
 import subprocess
@@ -24,8 +23,8 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.conftest import ROOT, free_port
-from tests.nginx_harness import Reply
+from tests.conftest import ROOT, free_port, stop_process
+from tests.nginx_harness import Reply, request
 
 ENVOY_DIR = ROOT / "deploy" / "envoy"
 GATEWAY_DIR = ROOT / "deploy" / "k8s" / "overlays" / "gateway-api" / "envoy-gateway"
@@ -192,13 +191,7 @@ class Envoy:
         return self.access_log.read_text(errors="replace").splitlines()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 def send(
@@ -214,21 +207,16 @@ def send(
 ) -> Reply:
     """One request with `target` exactly as given and exactly one Host header (Envoy picks
     the virtual host by it)."""
-    conn = http.client.HTTPConnection(
-        "127.0.0.1", port, timeout=timeout, source_address=(source, 0) if source else None
+    return request(
+        port,
+        target,
+        method=method,
+        headers=headers,
+        body=body,
+        source=source,
+        timeout=timeout,
+        host=host,
     )
-    try:
-        conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-        conn.putheader("Host", host)
-        for name, value in (headers or {}).items():
-            conn.putheader(name, value)
-        if body is not None:
-            conn.putheader("Content-Length", str(len(body)))
-        conn.endheaders(body)
-        resp = conn.getresponse()
-        return Reply(resp.status, list(resp.getheaders()), resp.read())
-    finally:
-        conn.close()
 
 
 def new_ports(authgate: int, grpc: int, upstream: int) -> Ports:

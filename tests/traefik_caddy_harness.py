@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from tests import nginx_harness
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, stop_process
 
 TRAEFIK_DIR = ROOT / "deploy" / "traefik"
 TRAEFIK_K8S = ROOT / "deploy" / "k8s" / "overlays" / "traefik"
@@ -170,13 +170,7 @@ class Proxy:
         return "\n".join(p.read_text(errors="replace") for p in self.log_files if p.exists())
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, grace=10)
 
 
 def _start(
